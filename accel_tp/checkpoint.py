@@ -1,0 +1,144 @@
+"""Checkpointing behind one small object: `save(step)` and `load() -> step`.
+
+Both variants wrap `accelerator.save_state` / `load_state`, i.e. DeepSpeed's native checkpoint
+(TP model shards, ZeRO optimizer partitions) plus the scheduler, RNG states and the registered
+`TrainState` (step and data position). Ray runs hand the folder to Ray Train
+(`ray.train.report(checkpoint=...)`), which persists it to the run's storage; `accelerate launch`
+runs keep numbered folders under the run's output directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["TrainState", "Checkpointer", "LocalCheckpointer", "RayCheckpointer", "latest_checkpoint"]
+
+_PREFIX = "step_"
+
+
+@dataclass
+class TrainState:
+    """What the loop needs to continue at the exact step and batch; saved with every checkpoint."""
+
+    step: int = 0
+    micro_batches: int = 0  # micro-batches consumed per DP rank since the start of the run
+    tokens: int = 0  # real (non-padding) tokens seen, all DP ranks together
+    global_batch_size: int = 0  # sequences per optimizer step when saved; a resume must match
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class Checkpointer(Protocol):
+    def save(self, step: int, metrics: dict[str, Any]) -> str | None: ...
+
+    def load(self) -> int: ...
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete `step_N` folder under `root` (temporary folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    steps = [
+        (int(p.name[len(_PREFIX) :]), p)
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit()
+    ]
+    return max(steps)[1] if steps else None
+
+
+def _check_batch(state: TrainState, global_batch_size: int, where: str) -> None:
+    if state.global_batch_size and state.global_batch_size != global_batch_size:
+        raise ValueError(
+            f"{where}: checkpoint was trained with a global batch of {state.global_batch_size} sequences, "
+            f"this run has {global_batch_size} (micro_batch_size x grad_accum_steps x dp_size); the data "
+            "position would not line up. Resume with the same batch settings."
+        )
+
+
+class LocalCheckpointer:
+    """`accelerate launch` runs: folders `<root>/step_N`, written under a temporary name first."""
+
+    def __init__(self, accelerator: Any, state: TrainState, root: str | os.PathLike, resume_from: str | None) -> None:
+        self.accelerator = accelerator
+        self.state = state
+        self.root = Path(root)
+        self.resume_from = resume_from
+
+    def save(self, step: int, metrics: dict[str, Any]) -> str:
+        acc = self.accelerator
+        final = self.root / f"{_PREFIX}{step:08d}"
+        tmp = self.root / f".tmp-{_PREFIX}{step:08d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            # A crash before this rename leaves only a .tmp- folder, which load() never picks.
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+        return str(final)
+
+    def load(self) -> int:
+        if not self.resume_from:
+            return 0
+        path = Path(self.resume_from)
+        if self.resume_from == "latest":
+            path = latest_checkpoint(self.root)
+            if path is None:
+                return 0
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint.resume_from: no checkpoint folder {str(path)!r}.")
+        expected = self.state.global_batch_size
+        self.accelerator.load_state(str(path))
+        _check_batch(self.state, expected, "checkpoint.resume_from")
+        self.state.global_batch_size = expected
+        return self.state.step
+
+
+class RayCheckpointer:
+    """Ray runs: save into a local temp folder and report it; resume from Ray's latest checkpoint."""
+
+    def __init__(self, accelerator: Any, state: TrainState) -> None:
+        self.accelerator = accelerator
+        self.state = state
+
+    def save(self, step: int, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="accel-tp-ckpt-") as tmp:
+            self.accelerator.save_state(tmp)
+            self.accelerator.wait_for_everyone()
+            # Every worker reports its own files (its DeepSpeed shards); Ray merges them into one
+            # checkpoint folder and only registers it once all workers have uploaded.
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"{_PREFIX}{step:08d}"
+            )
+        return None
+
+    def load(self) -> int:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return 0
+        expected = self.state.global_batch_size
+        with ckpt.as_directory() as path:
+            self.accelerator.load_state(path)
+        _check_batch(self.state, expected, "ray checkpoint")
+        self.state.global_batch_size = expected
+        return self.state.step

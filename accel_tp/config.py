@@ -1,0 +1,423 @@
+"""Typed run configuration: one YAML is the single source of a run.
+
+Every section is a dataclass. Loading is strict: unknown keys are rejected with the valid ones
+listed, values are type-checked, and cross-field rules are checked in `validate()` so that bad
+input fails on the driver before any worker, model or dataset is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "RunSection",
+    "ModelSection",
+    "DataSection",
+    "ParallelismSection",
+    "DeepSpeedSection",
+    "TrainSection",
+    "CheckpointSection",
+    "RaySection",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "ARCHITECTURES",
+]
+
+# Named architectures that are built with random init (no download). "tiny" is for tests and the
+# embedded default; the Qwen shapes are for benchmarks.
+ARCHITECTURES = ("tiny", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2-7b")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and the fix."""
+
+
+@dataclass
+class RunSection:
+    # Name of the run: the Ray run name (checkpoints go to <ray.storage_path>/<name>) and the folder
+    # under output_dir for `accelerate launch` runs.
+    name: str = "accel-tp"
+    # Where `accelerate launch` runs write checkpoints and metrics (Ray runs use ray.storage_path).
+    output_dir: str = "outputs"
+    seed: int = 42
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"run.name: {self.name!r} is not a valid folder name; use e.g. 'my-run'.")
+
+
+@dataclass
+class ModelSection:
+    # A hub id (e.g. Qwen/Qwen2.5-0.5B) or a local directory written by save_pretrained ...
+    name_or_path: str | None = None
+    # ... or a named architecture built with random init (see ARCHITECTURES).
+    architecture: str | None = None
+    # Tokenizer: a hub id or local directory; None means the model's own (name_or_path), and
+    # "default" means the byte-level BPE trained locally on the embedded corpus.
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    def validate(self) -> None:
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ConfigError(
+                "model: set exactly one of model.name_or_path (hub id or local directory) or "
+                f"model.architecture (random init, one of {list(ARCHITECTURES)})."
+            )
+        if self.architecture is not None and self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"model.architecture: unknown {self.architecture!r}; valid: {list(ARCHITECTURES)}."
+            )
+        if self.architecture is not None and self.tokenizer is None:
+            raise ConfigError(
+                "model.tokenizer: a random-init architecture needs a tokenizer; set "
+                "model.tokenizer: default (local BPE on the embedded corpus) or a hub id / directory."
+            )
+
+
+@dataclass
+class DataSection:
+    # embedded: the corpus shipped with accel-tp (no network); hub: datasets.load_dataset(name,
+    # config_name); files: local .txt / .jsonl / .json / .parquet files.
+    source: Literal["embedded", "hub", "files"] = "embedded"
+    name: str | None = None
+    config_name: str | None = None
+    split: str = "train"
+    files: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    # Use only the first `percentage` percent of the split (the tutorial uses 5).
+    percentage: float = 100.0
+    seq_length: int = 512
+    # longest: pad each micro-batch to its longest sequence (rounded up to 8); max_length: pad
+    # every sequence to seq_length (the tutorial's behaviour, kept for comparison).
+    padding: Literal["longest", "max_length"] = "longest"
+    # Drop documents shorter than this many tokens (they carry no next-token signal).
+    min_tokens: int = 2
+    # Tokenized-dataset and tokenizer cache; None: $ACCEL_TP_CACHE or ~/.cache/accel_tp.
+    cache_dir: str | None = None
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        if self.source == "hub" and not self.name:
+            raise ConfigError("data.name: source 'hub' needs a dataset name, e.g. data.name: wikitext.")
+        if self.source == "files" and not self.files:
+            raise ConfigError("data.files: source 'files' needs at least one .txt/.jsonl/.json/.parquet path.")
+        if self.source != "files" and self.files:
+            raise ConfigError(f"data.files: only used with data.source: files (source is {self.source!r}).")
+        if not 0 < self.percentage <= 100:
+            raise ConfigError(f"data.percentage: must be in (0, 100], got {self.percentage}.")
+        if self.seq_length < 8:
+            raise ConfigError(f"data.seq_length: must be >= 8, got {self.seq_length}.")
+        if self.min_tokens < 2:
+            raise ConfigError(f"data.min_tokens: must be >= 2 (a label needs a next token), got {self.min_tokens}.")
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser().resolve()
+        return Path(os.environ.get("ACCEL_TP_CACHE", "~/.cache/accel_tp")).expanduser().resolve()
+
+
+@dataclass
+class ParallelismSection:
+    tp_size: int = 1
+    # None: world_size // tp_size (accelerate launch decides the world); Ray needs it to size the
+    # worker group, so a Ray run requires it.
+    dp_size: int | None = None
+
+    def validate(self) -> None:
+        if self.tp_size < 1:
+            raise ConfigError(f"parallelism.tp_size: must be >= 1, got {self.tp_size}.")
+        if self.dp_size is not None and self.dp_size < 1:
+            raise ConfigError(f"parallelism.dp_size: must be >= 1, got {self.dp_size}.")
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    # auto: bf16 on GPUs that support it, fp16 (with dynamic loss scaling) on GPUs that do not,
+    # fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_clipping: float = 1.0
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    # Keep fp32 master weights, gradients and optimizer state under bf16 (correct by default);
+    # true halves optimizer memory at a cost in accuracy.
+    bf16_master_weights: bool = False
+    # Raw DeepSpeed keys merged last, for settings this schema does not name (advanced).
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.gradient_clipping < 0:
+            raise ConfigError(
+                f"deepspeed.gradient_clipping: must be >= 0 (0 turns it off), got {self.gradient_clipping}."
+            )
+        owned = {
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "tensor_parallel",
+        }
+        clash = sorted(owned & set(self.overrides))
+        if clash:
+            raise ConfigError(
+                f"deepspeed.overrides: {clash} are derived from train.* and parallelism.*; set those instead."
+            )
+
+
+@dataclass
+class TrainSection:
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    # The schedule decays to learning_rate * min_lr_ratio at the last step.
+    min_lr_ratio: float = 0.1
+    # Optimizer steps to run; None: as many as `epochs` passes over the data give.
+    max_steps: int | None = None
+    epochs: int = 1
+    log_every: int = 1
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        for name in ("micro_batch_size", "grad_accum_steps", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps: must be >= 1 or null (use epochs), got {self.max_steps}.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate: must be > 0, got {self.learning_rate}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay: must be >= 0, got {self.weight_decay}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}.")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}.")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ConfigError(
+                f"train.warmup_steps ({self.warmup_steps}) must be smaller than train.max_steps ({self.max_steps})."
+            )
+
+
+@dataclass
+class CheckpointSection:
+    # Save every N optimizer steps (0: never mid-run); and at the end when at_end is true.
+    every_steps: int = 0
+    at_end: bool = True
+    # `accelerate launch` only: resume from this checkpoint directory ("latest": the newest one
+    # under <run.output_dir>/<run.name>/checkpoints). Ray runs resume from Ray's own checkpoint.
+    resume_from: str | None = None
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}.")
+
+
+@dataclass
+class RaySection:
+    # None: start a local Ray instance; "auto": join the running cluster; or ray://host:port.
+    address: str | None = None
+    # auto: GPU workers when the Ray cluster has GPUs, else CPU workers (gloo).
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    storage_path: str = "ray_results"
+    cpus_per_worker: int = 1
+    max_failures: int = 0
+
+    def validate(self) -> None:
+        if self.cpus_per_worker < 1:
+            raise ConfigError(f"ray.cpus_per_worker: must be >= 1, got {self.cpus_per_worker}.")
+        if self.max_failures < -1:
+            raise ConfigError(f"ray.max_failures: must be >= -1 (-1: unlimited), got {self.max_failures}.")
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    ray: RaySection = field(default_factory=RaySection)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.data.seq_length < 8:
+            raise ConfigError("data.seq_length: must be >= 8.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Strict dict -> dataclass conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}.")
+    if origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}.")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}.")
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _unknown_key_error(where: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    prefix = f"{where}." if where else ""
+    return ConfigError(f"{prefix}{key}: unknown key.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key_error(where, str(key), list(fields))
+        kwargs[key] = _convert(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain dict (e.g. parsed YAML)."""
+    return _from_dict(Config, data, "").validate()
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.learning_rate=3e-5.")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must be section.key, e.g. train.max_steps.")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a raw config dict."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
+    for item in overrides:
+        parts, value = _parse_override(item)
+        cls: Any = Config
+        node = data
+        for depth, part in enumerate(parts):
+            if cls is not None:
+                names = [f.name for f in dataclasses.fields(cls)]
+                if part not in names:
+                    raise _unknown_key_error(".".join(parts[:depth]), part, names)
+            if depth == len(parts) - 1:
+                node[part] = value
+                break
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+            hint = typing.get_type_hints(cls)[part] if cls is not None else None
+            cls = hint if hint is not None and dataclasses.is_dataclass(hint) else None
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a run YAML, apply `--set` overrides and validate; errors name the field and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file {str(p)!r}.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections.")
+    try:
+        return config_from_dict(apply_overrides(data, overrides or []))
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e

@@ -1,0 +1,269 @@
+"""Data: text sources, tokenization with a shared cache, and the dp-rank-sharded loader.
+
+Under tensor parallelism every rank of a TP group must see the same batch, so the loader shards
+by dp_rank / dp_size (not by world rank): TP peers get identical batches, DP groups get disjoint
+slices, and the shuffle is a deterministic function of (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .config import ConfigError, DataSection
+from .parallel import Topology
+
+__all__ = [
+    "load_text_dataset",
+    "tokenize_dataset",
+    "load_or_build_tokenized",
+    "DPShardedSampler",
+    "ShardedLoader",
+    "make_collate",
+    "prepare_dataloader",
+]
+
+_FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Bump when tokenization changes, so stale caches are not reused.
+_CACHE_VERSION = 1
+
+
+def _first_percent(ds: Any, percentage: float) -> Any:
+    if percentage >= 100:
+        return ds
+    return ds.select(range(math.ceil(len(ds) * percentage / 100)))
+
+
+def load_text_dataset(section: DataSection) -> Any:
+    """A `datasets.Dataset` with a `text` column, from the embedded corpus, the hub, or local files."""
+    import datasets
+
+    if section.source == "embedded":
+        from .corpus import load_default_corpus
+
+        ds = datasets.Dataset.from_dict({"text": load_default_corpus()})
+        return _first_percent(ds, section.percentage)
+    if section.source == "hub":
+        split = section.split if section.percentage >= 100 else f"{section.split}[:{section.percentage:.15g}%]"
+        try:
+            ds = datasets.load_dataset(section.name, section.config_name, split=split)
+        except Exception as e:  # the hub raises many types; all mean "cannot get this dataset"
+            raise ConfigError(
+                f"data.name: cannot load dataset {section.name!r} (config {section.config_name!r}, split "
+                f"{split!r}): {type(e).__name__}: {e}"
+            ) from e
+    else:
+        paths = [Path(f).expanduser() for f in section.files]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ConfigError(f"data.files: not found: {missing}.")
+        kinds = {_FILE_BUILDERS.get(p.suffix.lower()) for p in paths}
+        if None in kinds or len(kinds) != 1:
+            raise ConfigError(
+                f"data.files: all files must be one kind of {sorted(_FILE_BUILDERS)}; got {[p.name for p in paths]}."
+            )
+        ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
+        ds = _first_percent(ds, section.percentage)
+    if section.text_field not in ds.column_names:
+        raise ConfigError(
+            f"data.text_field: column {section.text_field!r} not in the dataset; columns: {ds.column_names}."
+        )
+    if section.text_field != "text":
+        ds = ds.rename_column(section.text_field, "text")
+    return ds.select_columns(["text"])
+
+
+def tokenize_dataset(ds: Any, tokenizer: Any, seq_length: int, min_tokens: int) -> Any:
+    """Token ids per document: eos appended, truncated to seq_length, short documents dropped."""
+    eos = tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        enc = tokenizer(batch["text"], add_special_tokens=False, truncation=False)["input_ids"]
+        out = []
+        for ids in enc:
+            if eos is not None:
+                ids = ids + [eos]
+            out.append(ids[:seq_length])
+        return {"input_ids": out}
+
+    tok = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
+    return tok.filter(lambda ids: len(ids) >= min_tokens, input_columns="input_ids", desc="filter short")
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{vocab}".encode()).hexdigest()[:16]
+
+
+def cache_key(section: DataSection, tokenizer: Any) -> str:
+    files = []
+    for f in section.files:
+        p = Path(f).expanduser().resolve()
+        st = p.stat() if p.exists() else None
+        files.append([str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
+    spec = {
+        "v": _CACHE_VERSION,
+        "source": section.source,
+        "name": section.name,
+        "config_name": section.config_name,
+        "split": section.split,
+        "files": files,
+        "text_field": section.text_field,
+        "percentage": section.percentage,
+        "seq_length": section.seq_length,
+        "min_tokens": section.min_tokens,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_or_build_tokenized(
+    section: DataSection, tokenizer: Any, is_local_main: bool, barrier: Callable[[], None]
+) -> Any:
+    """Tokenize once per node: the local main process builds the cache, the others then read it."""
+    import datasets
+
+    path = section.resolved_cache_dir() / "tokenized" / cache_key(section, tokenizer)
+    if is_local_main and not path.is_dir():
+        ds = tokenize_dataset(load_text_dataset(section), tokenizer, section.seq_length, section.min_tokens)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+        ds.save_to_disk(str(tmp))
+        try:
+            os.replace(tmp, path)  # atomic: readers never see a half-written cache
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another node-local main won the race
+    barrier()
+    ds = datasets.load_from_disk(str(path))
+    if len(ds) == 0:
+        raise ConfigError(
+            f"data: no documents with >= {section.min_tokens} tokens in the {section.source!r} source; "
+            "check data.name / data.files / data.text_field / data.percentage."
+        )
+    return ds
+
+
+class DPShardedSampler(Sampler[int]):
+    """Indices for one DP rank; resumable at any micro-batch.
+
+    Each epoch permutes all samples with a generator seeded by (seed, epoch), trims the tail so
+    every DP rank gets the same whole number of micro-batches, and deals sample j of the
+    permutation to DP rank j % dp_size. TP peers share dp_rank, hence identical indices.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        dp_rank: int,
+        dp_size: int,
+        micro_batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+    ) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside dp_size {dp_size}")
+        self.num_samples = num_samples
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.batches_per_epoch = num_samples // (dp_size * micro_batch_size)
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        used = self.batches_per_epoch * self.micro_batch_size * self.dp_size
+        return order[:used][self.dp_rank :: self.dp_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices(self.epoch)[self.start_batch * self.micro_batch_size :])
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.micro_batch_size
+
+
+def make_collate(pad_id: int, padding: str, seq_length: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """Right-pad a micro-batch; labels are -100 on padding so it carries no loss."""
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        width = seq_length if padding == "max_length" else min(seq_length, -(-longest // 8) * 8)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
+            mask[i, :n] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+class ShardedLoader:
+    """A DataLoader over one DP shard, read as an endless stream of micro-batches across epochs."""
+
+    def __init__(self, loader: DataLoader, sampler: DPShardedSampler) -> None:
+        self.loader = loader
+        self.sampler = sampler
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def stream(self, start_micro_batch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(epoch, batch) pairs from micro-batch number `start_micro_batch` of the whole run on."""
+        epoch, offset = divmod(start_micro_batch, self.batches_per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch, offset)
+            for batch in self.loader:
+                yield epoch, batch
+            epoch, offset = epoch + 1, 0
+
+
+def prepare_dataloader(
+    dataset: Any,
+    topo: Topology,
+    micro_batch_size: int,
+    pad_id: int,
+    section: DataSection,
+    seed: int,
+) -> ShardedLoader:
+    """The dataloader preparer: shards by dp_rank / dp_size instead of process index."""
+    sampler = DPShardedSampler(
+        len(dataset), topo.dp_rank, topo.dp_size, micro_batch_size, seed=seed, shuffle=section.shuffle
+    )
+    if sampler.batches_per_epoch == 0:
+        raise ConfigError(
+            f"data: {len(dataset)} sequences cannot fill one micro-batch on each of {topo.dp_size} DP ranks "
+            f"(train.micro_batch_size {micro_batch_size}); add data or lower train.micro_batch_size."
+        )
+    loader = DataLoader(
+        dataset,
+        batch_size=micro_batch_size,
+        sampler=sampler,
+        collate_fn=make_collate(pad_id, section.padding, section.seq_length),
+        drop_last=True,
+        num_workers=0,
+    )
+    return ShardedLoader(loader, sampler)

@@ -1,0 +1,116 @@
+"""Launching: the Ray Train driver and the `accelerate launch` worker entry point."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, config_from_dict
+
+__all__ = ["preflight", "run_ray", "run_local"]
+
+
+def preflight(cfg: Config, world_size: int | None = None) -> None:
+    """Checks that need no worker: layout against world size and the model's heads, sequence length."""
+    from .model import model_config
+    from .parallel import Topology, check_tp_heads
+
+    par = cfg.parallelism
+    if world_size is not None:
+        Topology.from_config(cfg, world_size)
+    # The vocab only matters for random-init shapes and does not affect the head checks.
+    mconf = model_config(cfg.model, vocab_size=1)
+    check_tp_heads(par.tp_size, mconf.num_attention_heads, getattr(mconf, "num_key_value_heads", None))
+    max_pos = getattr(mconf, "max_position_embeddings", None)
+    if max_pos is not None and cfg.data.seq_length > max_pos:
+        raise ConfigError(
+            f"data.seq_length: {cfg.data.seq_length} exceeds the model's max_position_embeddings ({max_pos}); "
+            f"use data.seq_length <= {max_pos}."
+        )
+
+
+def _ray_worker(loop_config: dict[str, Any]) -> None:
+    from .trainer import run_worker
+
+    metrics_path = loop_config.get("metrics_path")
+    run_worker(config_from_dict(loop_config["config"]), under_ray=True, metrics_path=Path(metrics_path) if metrics_path else None)
+
+
+def _is_local_path(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def run_ray(cfg: Config, address: str | None = None) -> Any:
+    """Run the job on Ray Train with tp_size x dp_size workers; returns Ray's Result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    par = cfg.parallelism
+    if par.dp_size is None:
+        raise ConfigError("parallelism.dp_size: a Ray run needs it to size the worker group (tp_size x dp_size workers).")
+    world_size = par.tp_size * par.dp_size
+    preflight(cfg, world_size)
+
+    address = address if address is not None else cfg.ray.address
+    if not ray.is_initialized():
+        env = {"env_vars": {"ACCELERATE_USE_DEEPSPEED": "true", "TOKENIZERS_PARALLELISM": "false"}}
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = cfg.ray.device == "gpu" or (cfg.ray.device == "auto" and gpus > 0)
+    if use_gpu and gpus < world_size:
+        raise ConfigError(
+            f"ray.device: {world_size} GPU workers need {world_size} GPUs; the Ray cluster has {int(gpus)}. "
+            "Lower parallelism.* or set ray.device: cpu."
+        )
+    storage = cfg.ray.storage_path
+    if _is_local_path(storage):
+        storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        if not os.access(storage, os.W_OK):
+            raise ConfigError(f"ray.storage_path: {storage!r} is not writable; pick a writable folder.")
+    metrics_path = str(Path(storage) / cfg.run.name / "metrics.jsonl") if _is_local_path(storage) else None
+    trainer = TorchTrainer(
+        train_loop_per_worker=_ray_worker,
+        train_loop_config={"config": cfg.to_dict(), "metrics_path": metrics_path},
+        scaling_config=ScalingConfig(
+            num_workers=world_size, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    result = trainer.fit()
+    print(f"[accel-tp] run folder:  {result.path}")
+    if result.checkpoint is not None:
+        print(f"[accel-tp] checkpoint:  {result.checkpoint.path}")
+    if metrics_path:
+        print(f"[accel-tp] metrics:     {metrics_path}")
+    print(f"[accel-tp] final:       {result.metrics}")
+    return result
+
+
+def run_local(cfg: Config) -> dict[str, Any]:
+    """One worker of an `accelerate launch` (or torchrun) job."""
+    from .trainer import run_worker
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        preflight(cfg, world_size)
+    except ConfigError as e:
+        if world_size == 1 and cfg.parallelism.tp_size * (cfg.parallelism.dp_size or 1) > 1:
+            n = cfg.parallelism.tp_size * (cfg.parallelism.dp_size or 1)
+            raise ConfigError(f"{e} Launch with: accelerate launch --use_deepspeed --num_processes {n} ...") from e
+        raise
+    metrics = run_worker(cfg, under_ray=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        print(f"[accel-tp] checkpoints: {run_dir / 'checkpoints'}")
+        print(f"[accel-tp] metrics:     {run_dir / 'metrics.jsonl'}")
+        print(f"[accel-tp] final:       {metrics}")
+    return metrics

@@ -1,0 +1,119 @@
+"""Model and tokenizer loading. Knows nothing of ranks or parallelism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ModelSection
+
+__all__ = ["load_tokenizer", "model_config", "build_model", "architecture_config"]
+
+# Shapes for random-init models. The Qwen entries copy the published configs' shapes.
+_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    ),
+    "qwen2.5-0.5b": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
+    "qwen2.5-1.5b": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
+    "qwen2-7b": dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+    ),
+}
+
+
+def load_tokenizer(section: ModelSection, cache_dir: Path) -> Any:
+    """The run's tokenizer, with a pad token (eos when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    name = section.tokenizer or section.name_or_path
+    if name == "default":
+        from .corpus import build_default_tokenizer
+
+        tok = build_default_tokenizer(cache_dir / "tokenizers")
+    else:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=section.trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"model.tokenizer: {name!r} has neither a pad nor an eos token; pick another tokenizer.")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def architecture_config(architecture: str, vocab_size: int) -> Any:
+    """A Qwen2 config of a named shape; the vocab grows to fit the tokenizer if it must."""
+    from transformers import Qwen2Config
+
+    shape = dict(_SHAPES[architecture])
+    # The embedding must cover every token id; round up to 64 for efficient matmuls.
+    need = -(-vocab_size // 64) * 64
+    shape["vocab_size"] = max(shape.get("vocab_size", 0), need)
+    return Qwen2Config(**shape)
+
+
+def model_config(section: ModelSection, vocab_size: int) -> Any:
+    """The model's config, read without loading weights (cheap: used for up-front checks)."""
+    if section.architecture is not None:
+        return architecture_config(section.architecture, vocab_size)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: cannot read a model config from {section.name_or_path!r}: {e}") from e
+
+
+def build_model(section: ModelSection, config: Any, seed: int) -> Any:
+    """Pretrained weights from a hub id / directory, or a random init seeded identically on all ranks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if section.architecture is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            section.name_or_path,
+            trust_remote_code=section.trust_remote_code,
+            attn_implementation=section.attn_implementation,
+            dtype=torch.float32,
+        )
+    else:
+        # Same seed on every rank: AutoTP shards the same full weights on each TP peer.
+        torch.manual_seed(seed)
+        config._attn_implementation = section.attn_implementation
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,163 @@
+"""Parallel layout: topology math, checks, and the DeepSpeed config / Accelerate plugin.
+
+Nothing here loads a model or data. The layout follows DeepSpeed's AutoTP mesh
+(`deepspeed.utils.groups._init_tp_mesh_device`, a (dp, tp) device mesh): TP groups are blocks of
+consecutive ranks, so rank = dp_rank * tp_size + tp_rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, ConfigError
+
+__all__ = [
+    "Topology",
+    "check_tp_heads",
+    "resolve_precision",
+    "build_deepspeed_config",
+    "make_deepspeed_plugin",
+    "global_batch_size",
+]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where one rank sits in the tp x dp mesh."""
+
+    world_size: int
+    tp_size: int
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1 or self.world_size < 1:
+            raise ConfigError(f"tp_size ({self.tp_size}) and world_size ({self.world_size}) must be >= 1.")
+        if self.world_size % self.tp_size:
+            raise ConfigError(
+                f"parallelism.tp_size ({self.tp_size}) must divide the world size ({self.world_size}); "
+                f"use a tp_size among {[d for d in range(1, self.world_size + 1) if self.world_size % d == 0]}."
+            )
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} outside world of {self.world_size}.")
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int, rank: int = 0) -> Topology:
+        """The topology of `world_size` processes, checked against parallelism.dp_size if set."""
+        par = cfg.parallelism
+        if par.dp_size is not None and par.tp_size * par.dp_size != world_size:
+            raise ConfigError(
+                f"parallelism: tp_size ({par.tp_size}) x dp_size ({par.dp_size}) = "
+                f"{par.tp_size * par.dp_size}, but the world has {world_size} processes; launch "
+                f"{par.tp_size * par.dp_size} processes or set parallelism.dp_size: {world_size // max(par.tp_size, 1)}."
+            )
+        return cls(world_size=world_size, tp_size=par.tp_size, rank=rank)
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    def tp_group_ranks(self, dp_rank: int | None = None) -> list[int]:
+        """World ranks sharing a model replica (same data, sharded weights)."""
+        d = self.dp_rank if dp_rank is None else dp_rank
+        return list(range(d * self.tp_size, (d + 1) * self.tp_size))
+
+    def dp_group_ranks(self, tp_rank: int | None = None) -> list[int]:
+        """World ranks holding the same weight shard (different data, gradient all-reduce)."""
+        t = self.tp_rank if tp_rank is None else tp_rank
+        return [t + d * self.tp_size for d in range(self.dp_size)]
+
+
+def check_tp_heads(tp_size: int, num_attention_heads: int, num_key_value_heads: int | None) -> None:
+    """Refuse a TP size that would split attention unevenly.
+
+    DeepSpeed's rule (module_inject/tp_shard.get_shard_size): attention projections are split in
+    whole key-value heads (with their query-head groups); TP rank r gets kv // tp heads, plus one if
+    r < kv % tp, and ranks beyond the kv-head count get no attention shard at all. That is correct
+    but leaves attention work unbalanced, so accel-tp requires tp_size to divide the kv-head count
+    (and hence the query-head count).
+    """
+    kv = num_key_value_heads or num_attention_heads
+    if kv % tp_size or num_attention_heads % tp_size:
+        valid = [d for d in range(1, kv + 1) if kv % d == 0 and num_attention_heads % d == 0]
+        raise ConfigError(
+            f"parallelism.tp_size: {tp_size} does not divide the model's {kv} key-value heads "
+            f"({num_attention_heads} query heads). DeepSpeed AutoTP shards attention by whole kv heads, "
+            f"so the TP ranks would get unequal (or no) attention work. Use tp_size in {valid}."
+        )
+
+
+def resolve_precision(requested: str, device_type: str, bf16_supported: bool = False) -> str:
+    """bf16 where the GPU supports it, fp16 (with loss scaling) where it does not, fp32 on CPU."""
+    if requested != "auto":
+        if device_type == "cpu" and requested == "fp16":
+            raise ConfigError("deepspeed.precision: fp16 is not supported on CPU; use fp32 or bf16.")
+        return requested
+    if device_type == "cpu":
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def global_batch_size(cfg: Config, topo: Topology) -> int:
+    """Sequences per optimizer step: TP peers share a batch, so only dp_size multiplies."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * topo.dp_size
+
+
+def build_deepspeed_config(cfg: Config, topo: Topology, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run."""
+    ds = cfg.deepspeed
+    tr = cfg.train
+    zero: dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": ds.contiguous_gradients,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+        "allgather_bucket_size": ds.allgather_bucket_size,
+    }
+    if ds.zero_stage == 3:
+        # Needed so accelerator.get_state_dict can consolidate ZeRO-3 x TP weights for export.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        # DeepSpeed checks train_batch_size == micro x accum x world_size when no mpu is passed
+        # (Accelerate passes none). That product counts every TP peer, so it is a bookkeeping value
+        # for DeepSpeed only; the true global batch is global_batch_size() = micro x accum x dp.
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum_steps * topo.world_size,
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum_steps,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "tensor_parallel": {"autotp_size": topo.tp_size},
+        # Our optimizer is torch AdamW; ZeRO accepts it with this flag.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+        if ds.bf16_master_weights:
+            config["bf16"].update({"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True})
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    elif precision != "fp32":
+        raise ConfigError(f"deepspeed.precision: unknown {precision!r}")
+    for key, value in ds.overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def make_deepspeed_plugin(ds_config: dict[str, Any]) -> Any:
+    """Accelerate's DeepSpeedPlugin carrying our DeepSpeed dict (AutoTP block and ZeRO stage)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    return DeepSpeedPlugin(hf_ds_config=ds_config)

@@ -1,0 +1,310 @@
+"""The training loop: one `train_loop`, a small `train_step`, and the set-up that feeds them.
+
+Runs inside each worker, under Ray Train or `accelerate launch`. The loss is the mean over every
+real token of the global batch (all micro-batches of all DP ranks), so gradient accumulation and
+data parallelism give exactly the gradient of one big batch, whatever the padding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import Checkpointer, LocalCheckpointer, RayCheckpointer, TrainState
+from .config import Config
+from .data import ShardedLoader, load_or_build_tokenized, prepare_dataloader
+from .model import build_model, load_tokenizer, model_config
+from .parallel import (
+    Topology,
+    build_deepspeed_config,
+    check_tp_heads,
+    global_batch_size,
+    make_deepspeed_plugin,
+    resolve_precision,
+)
+
+__all__ = ["Runtime", "setup", "train_step", "train_loop", "run_worker", "lr_lambda", "param_groups"]
+
+
+def lr_lambda(cfg: Config, total_steps: int):  # -> Callable[[int], float]
+    """Linear warmup, then cosine / linear decay to min_lr_ratio (or constant)."""
+    tr = cfg.train
+
+    def factor(step: int) -> float:
+        if step < tr.warmup_steps:
+            return (step + 1) / tr.warmup_steps
+        if tr.lr_schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - tr.warmup_steps)
+        progress = min(1.0, (step - tr.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if tr.lr_schedule == "cosine" else 1 - progress
+        return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * shape
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class Runtime:
+    """Everything one worker trains with, built by `setup`."""
+
+    cfg: Config
+    topo: Topology
+    accelerator: Any
+    model: Any  # the DeepSpeed engine
+    optimizer: Any
+    scheduler: Any
+    loader: ShardedLoader
+    state: TrainState
+    checkpointer: Checkpointer
+    total_steps: int
+    precision: str
+    metrics_path: Path | None
+
+
+def _device_info() -> tuple[str, bool]:
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.is_bf16_supported()
+    return "cpu", False
+
+
+def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return max(1, (batches_per_epoch * cfg.train.epochs) // cfg.train.grad_accum_steps)
+
+
+def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Runtime:
+    """Build accelerator, model, optimizer, scheduler, loader and checkpointer for this worker."""
+    # Accelerate picks DeepSpeed from the environment; without it a CPU Accelerator drops to DDP.
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+    device_type, bf16_ok = _device_info()
+    precision = resolve_precision(cfg.deepspeed.precision, device_type, bf16_ok)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    topo = Topology.from_config(cfg, world_size, rank)
+    ds_config = build_deepspeed_config(cfg, topo, precision)
+    accelerator = Accelerator(
+        deepspeed_plugin=make_deepspeed_plugin(ds_config),
+        mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision],
+        # We step the scheduler once per optimizer step ourselves; Accelerate would otherwise step
+        # it num_processes times per step.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if device_type == "cuda" else "gloo")],
+    )
+    assert accelerator.num_processes == world_size and accelerator.process_index == rank
+    set_seed(cfg.run.seed)
+
+    cache_dir = cfg.data.resolved_cache_dir()
+    local_main = accelerator.is_local_main_process
+    # Build the tokenizer (and its cache) on the local main process first.
+    if local_main:
+        tokenizer = load_tokenizer(cfg.model, cache_dir)
+    accelerator.wait_for_everyone()
+    if not local_main:
+        tokenizer = load_tokenizer(cfg.model, cache_dir)
+    mconf = model_config(cfg.model, len(tokenizer))
+    check_tp_heads(topo.tp_size, mconf.num_attention_heads, getattr(mconf, "num_key_value_heads", None))
+    dataset = load_or_build_tokenized(cfg.data, tokenizer, local_main, accelerator.wait_for_everyone)
+    loader = prepare_dataloader(
+        dataset, topo, cfg.train.micro_batch_size, tokenizer.pad_token_id, cfg.data, seed=cfg.run.seed
+    )
+    total_steps = total_steps_for(cfg, loader.batches_per_epoch)
+
+    model = build_model(cfg.model, mconf, cfg.run.seed)
+    tr = cfg.train
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tr.weight_decay), lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state = TrainState(global_batch_size=global_batch_size(cfg, topo))
+    accelerator.register_for_checkpointing(state)
+    if under_ray:
+        checkpointer: Checkpointer = RayCheckpointer(accelerator, state)
+    else:
+        run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        checkpointer = LocalCheckpointer(accelerator, state, run_dir / "checkpoints", cfg.checkpoint.resume_from)
+        metrics_path = metrics_path or run_dir / "metrics.jsonl"
+    return Runtime(
+        cfg=cfg,
+        topo=topo,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        state=state,
+        checkpointer=checkpointer,
+        total_steps=total_steps,
+        precision=precision,
+        metrics_path=metrics_path,
+    )
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the global-batch stats."""
+    acc, model, topo = rt.accelerator, rt.model, rt.topo
+    device = acc.device
+    ga = len(micro_batches)
+    # Every TP peer holds the same batch, so world-wide sums count each DP batch tp_size times.
+    local = [
+        sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches),
+        sum(float(mb["attention_mask"].sum()) for mb in micro_batches),
+    ]
+    label_tokens, real_tokens = (v / topo.tp_size for v in _all_reduce(local, device))
+    # HF's loss is sum(token losses) / num_items_in_batch. DeepSpeed then divides by ga (micro-steps)
+    # and averages over the dp ranks, so this divisor makes the gradient exactly that of
+    # sum(all token losses of the global batch) / label_tokens.
+    num_items = torch.tensor(label_tokens / (topo.dp_size * ga), dtype=torch.float32, device=device)
+    loss_sum = 0.0
+    for i, mb in enumerate(micro_batches):
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        with acc.accumulate(model):
+            out = model(**mb, num_items_in_batch=num_items, use_cache=False)
+            loss_sum += float(out.loss.detach()) * float(num_items)
+            if i == ga - 1:
+                # Check before the last backward, i.e. before the optimizer step touches weights.
+                (total,) = _all_reduce([loss_sum], device)
+                loss = total / topo.tp_size / label_tokens
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"step {step + 1}: loss is {loss}; stopping before the optimizer step (weights and "
+                        "checkpoints are unchanged). Lower train.learning_rate or check the data."
+                    )
+            acc.backward(out.loss)
+            rt.optimizer.step()
+            rt.optimizer.zero_grad()
+    rt.scheduler.step()
+    grad_norm = model.get_global_grad_norm()
+    return {
+        "loss": loss,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "tokens": real_tokens,
+        "label_tokens": label_tokens,
+    }
+
+
+def _micro_batch_groups(stream: Iterator[tuple[int, dict]], ga: int) -> Iterator[tuple[int, list[dict]]]:
+    while True:
+        group = [next(stream) for _ in range(ga)]
+        yield group[-1][0], [b for _, b in group]
+
+
+def _log(rt: Runtime, metrics: dict[str, Any]) -> None:
+    if rt.metrics_path is not None and rt.accelerator.is_main_process:
+        rt.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(rt.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def _report(under_ray: bool, metrics: dict[str, Any]) -> None:
+    if under_ray:
+        import ray.train
+
+        ray.train.report(metrics)
+
+
+def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
+    """Resume, train to total_steps, log and report each step, checkpoint at the named points."""
+    cfg, acc, state = rt.cfg, rt.accelerator, rt.state
+    start = rt.checkpointer.load()
+    ga = cfg.train.grad_accum_steps
+    gbs = state.global_batch_size
+    if acc.is_main_process:
+        print(
+            f"[accel-tp] world={rt.topo.world_size} tp={rt.topo.tp_size} dp={rt.topo.dp_size} "
+            f"precision={rt.precision} zero={cfg.deepspeed.zero_stage} global_batch={gbs} seqs "
+            f"(micro {cfg.train.micro_batch_size} x accum {ga} x dp {rt.topo.dp_size}) "
+            f"steps={start}->{rt.total_steps} batches/epoch/dp-rank={rt.loader.batches_per_epoch}",
+            flush=True,
+        )
+    bar = None
+    if cfg.train.progress_bar and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=rt.total_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+    groups = _micro_batch_groups(rt.loader.stream(state.micro_batches), ga)
+    rt.model.train()
+    metrics: dict[str, Any] = {}
+    t_last = time.perf_counter()
+    for step in range(start, rt.total_steps):
+        epoch, micro_batches = next(groups)
+        stats = train_step(rt, micro_batches, step)
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        state.step = step + 1
+        state.micro_batches += ga
+        state.tokens += int(stats["tokens"])
+        metrics = {
+            "step": state.step,
+            "epoch": epoch,
+            "loss": stats["loss"],
+            "lr": rt.scheduler.get_last_lr()[0],
+            "grad_norm": stats["grad_norm"],
+            "tokens_seen": state.tokens,
+            "tokens_per_s": stats["tokens"] / dt,
+            "step_time_s": dt,
+            "global_batch": gbs,
+        }
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                lr=f"{metrics['lr']:.2e}",
+                gnorm=f"{metrics['grad_norm']:.3f}",
+                tok_s=f"{metrics['tokens_per_s']:.0f}",
+                refresh=False,
+            )
+        last = state.step == rt.total_steps
+        save = (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or (
+            last and cfg.checkpoint.at_end
+        )
+        if state.step % cfg.train.log_every == 0 or last or save:
+            _log(rt, metrics)
+        if save:
+            rt.checkpointer.save(state.step, metrics)
+        elif state.step % cfg.train.log_every == 0 or last:
+            _report(under_ray, metrics)
+        t_last = time.perf_counter()  # checkpoint and logging time is not step time
+    if bar is not None:
+        bar.close()
+    acc.wait_for_everyone()
+    return metrics
+
+
+def run_worker(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> dict[str, Any]:
+    """Entry point of one worker process."""
+    rt = setup(cfg, under_ray, metrics_path)
+    try:
+        return train_loop(rt, under_ray)
+    finally:
+        rt.accelerator.end_training()
