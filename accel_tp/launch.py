@@ -54,10 +54,20 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     preflight(cfg, world_size)
 
     address = address if address is not None else cfg.ray.address
+    cpus_needed = world_size * cfg.ray.cpus_per_worker
     if not ray.is_initialized():
         env = {"env_vars": {"ACCELERATE_USE_DEEPSPEED": "true", "TOKENIZERS_PARALLELISM": "false"}}
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-    gpus = ray.cluster_resources().get("GPU", 0)
+        # A local instance gets enough logical CPUs for the worker group even on a small machine
+        # (CPU workers then share cores); a cluster reports what it has.
+        local = {"num_cpus": max(os.cpu_count() or 1, cpus_needed + 1)} if address is None else {}
+        ray.init(address=address, runtime_env=env, log_to_driver=True, **local)
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    if resources.get("CPU", 0) < cpus_needed:
+        raise ConfigError(
+            f"ray.cpus_per_worker: {world_size} workers x {cfg.ray.cpus_per_worker} CPUs = {cpus_needed}, "
+            f"but the Ray cluster has {resources.get('CPU', 0):g} CPUs; lower ray.cpus_per_worker."
+        )
     use_gpu = cfg.ray.device == "gpu" or (cfg.ray.device == "auto" and gpus > 0)
     if use_gpu and gpus < world_size:
         raise ConfigError(
