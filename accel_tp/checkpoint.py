@@ -69,7 +69,9 @@ def _check_batch(state: TrainState, global_batch_size: int, where: str) -> None:
 class LocalCheckpointer:
     """`accelerate launch` runs: folders `<root>/step_N`, written under a temporary name first."""
 
-    def __init__(self, accelerator: Any, state: TrainState, root: str | os.PathLike, resume_from: str | None) -> None:
+    def __init__(
+        self, accelerator: Any, state: TrainState, root: str | os.PathLike, resume_from: str | None
+    ) -> None:
         self.accelerator = accelerator
         self.state = state
         self.root = Path(root)
@@ -126,7 +128,9 @@ class RayCheckpointer:
             # Every worker reports its own files (its DeepSpeed shards); Ray merges them into one
             # checkpoint folder and only registers it once all workers have uploaded.
             ray.train.report(
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"{_PREFIX}{step:08d}"
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"{_PREFIX}{step:08d}",
             )
         return None
 

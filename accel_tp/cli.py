@@ -11,10 +11,16 @@ __all__ = ["parse_args", "main_ray", "main_local"]
 
 
 def parse_args(argv: list[str] | None, ray: bool) -> tuple[argparse.Namespace, Config]:
-    p = argparse.ArgumentParser(description="accel-tp: tensor x data parallel training (DeepSpeed AutoTP + ZeRO).")
+    p = argparse.ArgumentParser(
+        description="accel-tp: tensor x data parallel training (DeepSpeed AutoTP + ZeRO)."
+    )
     p.add_argument("--config", required=True, help="run YAML, e.g. accelerate_configs/tp2_dp2.yaml")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override one config value (YAML syntax), e.g. --set train.learning_rate=3e-5; repeatable",
     )
     if ray:

@@ -54,9 +54,13 @@ def load_text_dataset(section: DataSection) -> Any:
         ds = datasets.Dataset.from_dict({"text": load_default_corpus()})
         return _first_percent(ds, section.percentage)
     if section.source == "hub":
-        split = section.split if section.percentage >= 100 else f"{section.split}[:{section.percentage:.15g}%]"
+        # The prefix is taken after loading (not as "train[:2.5%]", which datasets refuses for
+        # fractions) so every source rounds a percentage the same way.
+        split = section.split
         try:
-            ds = datasets.load_dataset(section.name, section.config_name, split=split)
+            ds = _first_percent(
+                datasets.load_dataset(section.name, section.config_name, split=split), section.percentage
+            )
         except Exception as e:  # the hub raises many types; all mean "cannot get this dataset"
             raise ConfigError(
                 f"data.name: cannot load dataset {section.name!r} (config {section.config_name!r}, split "
@@ -102,7 +106,9 @@ def tokenize_dataset(ds: Any, tokenizer: Any, seq_length: int, min_tokens: int) 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    return hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{vocab}".encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{vocab}".encode()
+    ).hexdigest()[:16]
 
 
 def cache_key(section: DataSection, tokenizer: Any) -> str:
@@ -202,7 +208,9 @@ class DPShardedSampler(Sampler[int]):
         return (self.batches_per_epoch - self.start_batch) * self.micro_batch_size
 
 
-def make_collate(pad_id: int, padding: str, seq_length: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+def make_collate(
+    pad_id: int, padding: str, seq_length: int
+) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """Right-pad a micro-batch; labels are -100 on padding so it carries no loss."""
 
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -34,7 +34,11 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     from .trainer import run_worker
 
     metrics_path = loop_config.get("metrics_path")
-    run_worker(config_from_dict(loop_config["config"]), under_ray=True, metrics_path=Path(metrics_path) if metrics_path else None)
+    run_worker(
+        config_from_dict(loop_config["config"]),
+        under_ray=True,
+        metrics_path=Path(metrics_path) if metrics_path else None,
+    )
 
 
 def _is_local_path(path: str) -> bool:
@@ -49,7 +53,9 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
 
     par = cfg.parallelism
     if par.dp_size is None:
-        raise ConfigError("parallelism.dp_size: a Ray run needs it to size the worker group (tp_size x dp_size workers).")
+        raise ConfigError(
+            "parallelism.dp_size: a Ray run needs it to size the worker group (tp_size x dp_size workers)."
+        )
     world_size = par.tp_size * par.dp_size
     preflight(cfg, world_size)
 
@@ -115,7 +121,9 @@ def run_local(cfg: Config) -> dict[str, Any]:
     except ConfigError as e:
         if world_size == 1 and cfg.parallelism.tp_size * (cfg.parallelism.dp_size or 1) > 1:
             n = cfg.parallelism.tp_size * (cfg.parallelism.dp_size or 1)
-            raise ConfigError(f"{e} Launch with: accelerate launch --use_deepspeed --num_processes {n} ...") from e
+            raise ConfigError(
+                f"{e} Launch with: accelerate launch --use_deepspeed --num_processes {n} ..."
+            ) from e
         raise
     metrics = run_worker(cfg, under_ray=False)
     if int(os.environ.get("RANK", "0")) == 0:

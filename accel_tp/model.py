@@ -70,7 +70,9 @@ def load_tokenizer(section: ModelSection, cache_dir: Path) -> Any:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=section.trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ConfigError(f"model.tokenizer: {name!r} has neither a pad nor an eos token; pick another tokenizer.")
+            raise ConfigError(
+                f"model.tokenizer: {name!r} has neither a pad nor an eos token; pick another tokenizer."
+            )
         tok.pad_token = tok.eos_token
     return tok
 
@@ -95,7 +97,9 @@ def model_config(section: ModelSection, vocab_size: int) -> Any:
     try:
         return AutoConfig.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path: cannot read a model config from {section.name_or_path!r}: {e}") from e
+        raise ConfigError(
+            f"model.name_or_path: cannot read a model config from {section.name_or_path!r}: {e}"
+        ) from e
 
 
 def build_model(section: ModelSection, config: Any, seed: int) -> Any:

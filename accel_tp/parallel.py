@@ -122,9 +122,6 @@ def build_deepspeed_config(cfg: Config, topo: Topology, precision: str) -> dict[
         "reduce_bucket_size": ds.reduce_bucket_size,
         "allgather_bucket_size": ds.allgather_bucket_size,
     }
-    if ds.zero_stage == 3:
-        # Needed so accelerator.get_state_dict can consolidate ZeRO-3 x TP weights for export.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     config: dict[str, Any] = {
         # DeepSpeed checks train_batch_size == micro x accum x world_size when no mpu is passed
         # (Accelerate passes none). That product counts every TP peer, so it is a bookkeeping value
@@ -160,4 +157,6 @@ def make_deepspeed_plugin(ds_config: dict[str, Any]) -> Any:
     """Accelerate's DeepSpeedPlugin carrying our DeepSpeed dict (AutoTP block and ZeRO stage)."""
     from accelerate.utils import DeepSpeedPlugin
 
-    return DeepSpeedPlugin(hf_ds_config=ds_config)
+    # zero3_init_flag off: models are built whole and then partitioned, so a seeded random init is
+    # the same for every ZeRO stage and layout (under zero.Init each partition draws its own).
+    return DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=False)

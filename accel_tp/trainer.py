@@ -134,18 +134,26 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     model = build_model(cfg.model, mconf, cfg.run.seed)
     tr = cfg.train
     optimizer = torch.optim.AdamW(
-        param_groups(model, tr.weight_decay), lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps
+        param_groups(model, tr.weight_decay),
+        lr=tr.learning_rate,
+        betas=(tr.adam_beta1, tr.adam_beta2),
+        eps=tr.adam_eps,
     )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Built on the prepared optimizer (DeepSpeed's ZeRO optimizer owns the param groups that step)
+    # and checkpointed as a registered object: under DeepSpeed, Accelerate neither wraps nor saves
+    # a scheduler prepared on its own.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     state = TrainState(global_batch_size=global_batch_size(cfg, topo))
-    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(state, scheduler)
     if under_ray:
         checkpointer: Checkpointer = RayCheckpointer(accelerator, state)
     else:
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
-        checkpointer = LocalCheckpointer(accelerator, state, run_dir / "checkpoints", cfg.checkpoint.resume_from)
+        checkpointer = LocalCheckpointer(
+            accelerator, state, run_dir / "checkpoints", cfg.checkpoint.resume_from
+        )
         metrics_path = metrics_path or run_dir / "metrics.jsonl"
     return Runtime(
         cfg=cfg,
@@ -237,6 +245,10 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     """Resume, train to total_steps, log and report each step, checkpoint at the named points."""
     cfg, acc, state = rt.cfg, rt.accelerator, rt.state
     start = rt.checkpointer.load()
+    if start:
+        # The optimizer must step with the restored schedule's rate, not the fresh one's.
+        for group, lr in zip(rt.optimizer.param_groups, rt.scheduler.get_last_lr()):
+            group["lr"] = lr
     ga = cfg.train.grad_accum_steps
     gbs = state.global_batch_size
     if acc.is_main_process:
@@ -258,6 +270,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     t_last = time.perf_counter()
     for step in range(start, rt.total_steps):
         epoch, micro_batches = next(groups)
+        lr = rt.scheduler.get_last_lr()[0]  # the rate this step trains with
         stats = train_step(rt, micro_batches, step)
         now = time.perf_counter()
         dt, t_last = now - t_last, now
@@ -268,7 +281,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
             "step": state.step,
             "epoch": epoch,
             "loss": stats["loss"],
-            "lr": rt.scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": stats["grad_norm"],
             "tokens_seen": state.tokens,
             "tokens_per_s": stats["tokens"] / dt,

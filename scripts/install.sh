@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs accel-tp with its dependencies.
+# torch goes first: DeepSpeed's build imports it. TORCH_SPEC picks the build (default torch==2.13.0;
+# e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" for a CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip "$@" --disable-pip-version-check 2>&1 | grep -v "^WARNING: Location" || true; }
+pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -c "import torch" 2>/dev/null || pip install -q ${TORCH_SPEC:-torch==2.13.0}
+.venv/bin/python -c "import deepspeed" 2>/dev/null || pip install -q --no-build-isolation "deepspeed>=0.19.4"
+pip install -q -e ".[dev]"
+.venv/bin/python -c "import torch, deepspeed, accelerate, ray, transformers, datasets, accel_tp" \
+  && echo "accel-tp installed in .venv (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"
