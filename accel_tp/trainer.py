@@ -91,8 +91,22 @@ def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
     return max(1, (batches_per_epoch * cfg.train.epochs) // cfg.train.grad_accum_steps)
 
 
+def _quiet_libraries() -> None:
+    """Keep worker output to our progress and errors (ACCEL_TP_VERBOSE=1 shows the libraries' info logs)."""
+    if os.environ.get("ACCEL_TP_VERBOSE"):
+        return
+    import logging
+    import warnings
+
+    for name in ("accelerate", "DeepSpeed", "deepspeed", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # DeepSpeed 0.19 still calls this torch API; the warning repeats on every rank.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+
+
 def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Runtime:
     """Build accelerator, model, optimizer, scheduler, loader and checkpointer for this worker."""
+    _quiet_libraries()
     # Accelerate picks DeepSpeed from the environment; without it a CPU Accelerator drops to DDP.
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     from accelerate import Accelerator
@@ -234,6 +248,17 @@ def _log(rt: Runtime, metrics: dict[str, Any]) -> None:
             f.write(json.dumps(metrics) + "\n")
 
 
+def _trim_metrics(rt: Runtime, start: int) -> None:
+    """A fresh run starts a new metrics file; a resumed one drops lines past its checkpoint."""
+    path = rt.metrics_path
+    if path is None or not rt.accelerator.is_main_process or not path.exists():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def _report(under_ray: bool, metrics: dict[str, Any]) -> None:
     if under_ray:
         import ray.train
@@ -249,6 +274,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         # The optimizer must step with the restored schedule's rate, not the fresh one's.
         for group, lr in zip(rt.optimizer.param_groups, rt.scheduler.get_last_lr()):
             group["lr"] = lr
+    _trim_metrics(rt, start)
     ga = cfg.train.grad_accum_steps
     gbs = state.global_batch_size
     if acc.is_main_process:
