@@ -62,7 +62,16 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     address = address if address is not None else cfg.ray.address
     cpus_needed = world_size * cfg.ray.cpus_per_worker
     if not ray.is_initialized():
-        env = {"env_vars": {"ACCELERATE_USE_DEEPSPEED": "true", "TOKENIZERS_PARALLELISM": "false"}}
+        # Workers import accel_tp from where the driver did, also when it is not pip-installed.
+        pkg_root = str(Path(__file__).resolve().parents[1])
+        pythonpath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
+        env = {
+            "env_vars": {
+                "ACCELERATE_USE_DEEPSPEED": "true",
+                "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": pythonpath,
+            }
+        }
         # A local instance gets enough logical CPUs for the worker group even on a small machine
         # (CPU workers then share cores); a cluster reports what it has.
         local = {"num_cpus": max(os.cpu_count() or 1, cpus_needed + 1)} if address is None else {}
