@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,12 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     print(f"[accel-tp] run folder:  {result.path}")
     if result.checkpoint is not None:
         print(f"[accel-tp] checkpoint:  {result.checkpoint.path}")
+    final = result.metrics
     if metrics_path:
         print(f"[accel-tp] metrics:     {metrics_path}")
-    print(f"[accel-tp] final:       {result.metrics}")
+        lines = Path(metrics_path).read_text().splitlines() if Path(metrics_path).exists() else []
+        final = json.loads(lines[-1]) if lines else final
+    print(f"[accel-tp] final:       {final}")
     return result
 
 
