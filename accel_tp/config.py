@@ -105,6 +105,11 @@ class DataSection:
     # longest: pad each micro-batch to its longest sequence (rounded up to 8); max_length: pad
     # every sequence to seq_length (the tutorial's behaviour, kept for comparison).
     padding: Literal["longest", "max_length"] = "longest"
+    # none: one document per row (padded as `padding` says); concat: documents joined with eos and
+    # cut into rows of seq_length, full causal attention (pretraining style); document: whole
+    # documents packed into rows of seq_length with position ids restarting per document, so no
+    # token attends across a document boundary.
+    packing: Literal["none", "concat", "document"] = "none"
     # Drop documents shorter than this many tokens (they carry no next-token signal).
     min_tokens: int = 2
     # Tokenized-dataset and tokenizer cache; None: $ACCEL_TP_CACHE or ~/.cache/accel_tp.

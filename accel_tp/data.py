@@ -87,8 +87,8 @@ def load_text_dataset(section: DataSection) -> Any:
     return ds.select_columns(["text"])
 
 
-def tokenize_dataset(ds: Any, tokenizer: Any, seq_length: int, min_tokens: int) -> Any:
-    """Token ids per document: eos appended, truncated to seq_length, short documents dropped."""
+def tokenize_dataset(ds: Any, tokenizer: Any, seq_length: int | None, min_tokens: int) -> Any:
+    """Token ids per document: eos appended, truncated to seq_length (None: kept whole), short documents dropped."""
     eos = tokenizer.eos_token_id
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -97,11 +97,45 @@ def tokenize_dataset(ds: Any, tokenizer: Any, seq_length: int, min_tokens: int) 
         for ids in enc:
             if eos is not None:
                 ids = ids + [eos]
-            out.append(ids[:seq_length])
+            out.append(ids if seq_length is None else ids[:seq_length])
         return {"input_ids": out}
 
     tok = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
     return tok.filter(lambda ids: len(ids) >= min_tokens, input_columns="input_ids", desc="filter short")
+
+
+def _pack_rows(docs: list[list[int]], mode: str, seq_length: int) -> dict[str, list]:
+    """Rows of at most seq_length tokens; every input token lands in exactly one row."""
+    if mode == "concat":
+        stream = [t for d in docs for t in d]
+        return {"input_ids": [stream[i : i + seq_length] for i in range(0, len(stream), seq_length)]}
+    # A document longer than a row is cut into row-sized pieces, each its own document. Pieces
+    # go first-fit-decreasing into rows, which leaves far less padding than filling in order.
+    pieces = [doc[i : i + seq_length] for doc in docs for i in range(0, len(doc), seq_length)]
+    pieces.sort(key=len, reverse=True)  # stable: ties keep corpus order, so packing is deterministic
+    rows: list[list[int]] = []
+    positions: list[list[int]] = []
+    for piece in pieces:
+        for row, pos in zip(rows, positions):
+            if len(row) + len(piece) <= seq_length:
+                row.extend(piece)
+                pos.extend(range(len(piece)))
+                break
+        else:
+            rows.append(list(piece))
+            positions.append(list(range(len(piece))))
+    return {"input_ids": rows, "position_ids": positions}
+
+
+def pack_dataset(ds: Any, mode: str, seq_length: int) -> Any:
+    """Pack tokenized documents (in order, 1000 at a time) into rows; see DataSection.packing."""
+    return ds.map(
+        lambda batch: _pack_rows(batch["input_ids"], mode, seq_length),
+        batched=True,
+        batch_size=1000,
+        remove_columns=ds.column_names,
+        desc=f"pack ({mode})",
+    )
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -128,6 +162,7 @@ def cache_key(section: DataSection, tokenizer: Any) -> str:
         "percentage": section.percentage,
         "seq_length": section.seq_length,
         "min_tokens": section.min_tokens,
+        "packing": section.packing,
         "tokenizer": _tokenizer_fingerprint(tokenizer),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
@@ -141,7 +176,12 @@ def load_or_build_tokenized(
 
     path = section.resolved_cache_dir() / "tokenized" / cache_key(section, tokenizer)
     if is_local_main and not path.is_dir():
-        ds = tokenize_dataset(load_text_dataset(section), tokenizer, section.seq_length, section.min_tokens)
+        packed = section.packing != "none"
+        ds = tokenize_dataset(
+            load_text_dataset(section), tokenizer, None if packed else section.seq_length, section.min_tokens
+        )
+        if packed:
+            ds = pack_dataset(ds, section.packing, section.seq_length)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
         ds.save_to_disk(str(tmp))
@@ -209,13 +249,21 @@ class DPShardedSampler(Sampler[int]):
 
 
 def make_collate(
-    pad_id: int, padding: str, seq_length: int
+    pad_id: int, padding: str, seq_length: int, packing: str = "none"
 ) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """Right-pad a micro-batch; labels are -100 on padding so it carries no loss."""
+    """Right-pad a micro-batch; labels are -100 on padding so it carries no loss.
+
+    Packed rows are padded to seq_length. In `document` mode the rows carry position_ids that
+    restart at every document (Transformers then masks attention per document) instead of an
+    attention mask, and the first token of each document gets no label: in a row it would be
+    predicted from the previous document, which one-document-at-a-time training never does.
+    The `_real_tokens` entry (non-padding tokens) is metadata, not a model input.
+    """
 
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
-        width = seq_length if padding == "max_length" else min(seq_length, -(-longest // 8) * 8)
+        fixed = padding == "max_length" or packing != "none"
+        width = seq_length if fixed else min(seq_length, -(-longest // 8) * 8)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -223,7 +271,19 @@ def make_collate(
             ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
             mask[i, :n] = 1
         labels = ids.masked_fill(mask == 0, -100)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        out = {"input_ids": ids, "labels": labels, "_real_tokens": mask.sum()}
+        if packing == "document":
+            # Padding forms one more "document" (positions from 0), so it never joins a real one.
+            pos = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                n = len(r["position_ids"])
+                pos[i, :n] = torch.tensor(r["position_ids"], dtype=torch.long)
+                pos[i, n:] = torch.arange(width - n)
+            out["labels"] = labels.masked_fill(pos == 0, -100)
+            out["position_ids"] = pos
+        else:
+            out["attention_mask"] = mask
+        return out
 
     return collate
 
@@ -270,7 +330,7 @@ def prepare_dataloader(
         dataset,
         batch_size=micro_batch_size,
         sampler=sampler,
-        collate_fn=make_collate(pad_id, section.padding, section.seq_length),
+        collate_fn=make_collate(pad_id, section.padding, section.seq_length, section.packing),
         drop_last=True,
         num_workers=0,
     )

@@ -200,7 +200,7 @@ def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: 
     # Every TP peer holds the same batch, so world-wide sums count each DP batch tp_size times.
     local = [
         sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches),
-        sum(float(mb["attention_mask"].sum()) for mb in micro_batches),
+        sum(float(mb["_real_tokens"]) for mb in micro_batches),
     ]
     label_tokens, real_tokens = (v / topo.tp_size for v in _all_reduce(local, device))
     # HF's loss is sum(token losses) / num_items_in_batch. DeepSpeed then divides by ga (micro-steps)
@@ -209,7 +209,7 @@ def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: 
     num_items = torch.tensor(label_tokens / (topo.dp_size * ga), dtype=torch.float32, device=device)
     loss_sum = 0.0
     for i, mb in enumerate(micro_batches):
-        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items() if not k.startswith("_")}
         with acc.accumulate(model):
             out = model(**mb, num_items_in_batch=num_items, use_cache=False)
             loss_sum += float(out.loss.detach()) * float(num_items)
