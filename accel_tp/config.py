@@ -70,7 +70,7 @@ class ModelSection:
     # "default" means the byte-level BPE trained locally on the embedded corpus.
     tokenizer: str | None = None
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
 
     def validate(self) -> None:
         if (self.name_or_path is None) == (self.architecture is None):
@@ -115,8 +115,20 @@ class DataSection:
     # Tokenized-dataset and tokenizer cache; None: $ACCEL_TP_CACHE or ~/.cache/accel_tp.
     cache_dir: str | None = None
     shuffle: bool = True
+    # Held-out evaluation data: a split of the hub dataset (e.g. "validation"), or a fraction of the
+    # documents held out of training (deterministic). Neither: no evaluation.
+    eval_split: str | None = None
+    eval_fraction: float = 0.0
 
     def validate(self) -> None:
+        if self.eval_split and self.source != "hub":
+            raise ConfigError(
+                "data.eval_split: only for source 'hub'; use data.eval_fraction for other sources."
+            )
+        if self.eval_split and self.eval_fraction:
+            raise ConfigError("data.eval_split / data.eval_fraction: set one of them, not both.")
+        if not 0 <= self.eval_fraction <= 0.5:
+            raise ConfigError(f"data.eval_fraction: must be in [0, 0.5], got {self.eval_fraction}.")
         if self.source == "hub" and not self.name:
             raise ConfigError("data.name: source 'hub' needs a dataset name, e.g. data.name: wikitext.")
         if self.source == "files" and not self.files:
@@ -206,12 +218,19 @@ class TrainSection:
     max_steps: int | None = None
     epochs: int = 1
     log_every: int = 1
+    # Evaluate on the held-out data every N optimizer steps (0: only at the end) when data has one.
+    eval_every: int = 0
+    # Accelerate trackers: tensorboard, wandb, mlflow, ...; None: tensorboard when installed.
+    # Their files land in the run's output folder.
+    log_with: list[str] | None = None
     progress_bar: bool = True
 
     def validate(self) -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}.")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every: must be >= 0 (0: only at the end), got {self.eval_every}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps: must be >= 1 or null (use epochs), got {self.max_steps}.")
         if self.learning_rate <= 0:

@@ -44,7 +44,20 @@ def _first_percent(ds: Any, percentage: float) -> Any:
     return ds.select(range(math.ceil(len(ds) * percentage / 100)))
 
 
-def load_text_dataset(section: DataSection) -> Any:
+def load_split(section: DataSection, which: str) -> Any:
+    """The training or the held-out documents (None when no evaluation data is configured)."""
+    if which == "eval" and section.eval_split:
+        return load_text_dataset(section, split=section.eval_split)
+    if which == "eval" and not section.eval_fraction:
+        return None
+    ds = load_text_dataset(section)
+    if section.eval_fraction:
+        parts = ds.train_test_split(test_size=section.eval_fraction, seed=1234, shuffle=True)
+        ds = parts["train" if which == "train" else "test"]
+    return ds
+
+
+def load_text_dataset(section: DataSection, split: str | None = None) -> Any:
     """A `datasets.Dataset` with a `text` column, from the embedded corpus, the hub, or local files."""
     import datasets
 
@@ -56,7 +69,7 @@ def load_text_dataset(section: DataSection) -> Any:
     if section.source == "hub":
         # The prefix is taken after loading (not as "train[:2.5%]", which datasets refuses for
         # fractions) so every source rounds a percentage the same way.
-        split = section.split
+        split = split or section.split
         try:
             ds = _first_percent(
                 datasets.load_dataset(section.name, section.config_name, split=split), section.percentage
@@ -163,22 +176,32 @@ def cache_key(section: DataSection, tokenizer: Any) -> str:
         "seq_length": section.seq_length,
         "min_tokens": section.min_tokens,
         "packing": section.packing,
+        "eval": [section.eval_split, section.eval_fraction],
         "tokenizer": _tokenizer_fingerprint(tokenizer),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def load_or_build_tokenized(
-    section: DataSection, tokenizer: Any, is_local_main: bool, barrier: Callable[[], None]
+    section: DataSection,
+    tokenizer: Any,
+    is_local_main: bool,
+    barrier: Callable[[], None],
+    which: str = "train",
 ) -> Any:
-    """Tokenize once per node: the local main process builds the cache, the others then read it."""
+    """Tokenize once per node: the local main process builds the cache, the others then read it.
+
+    `which` is "train" or "eval"; the eval split is None when the data section configures none.
+    """
     import datasets
 
-    path = section.resolved_cache_dir() / "tokenized" / cache_key(section, tokenizer)
+    if which == "eval" and not (section.eval_split or section.eval_fraction):
+        return None
+    path = section.resolved_cache_dir() / "tokenized" / f"{cache_key(section, tokenizer)}-{which}"
     if is_local_main and not path.is_dir():
         packed = section.packing != "none"
         ds = tokenize_dataset(
-            load_text_dataset(section), tokenizer, None if packed else section.seq_length, section.min_tokens
+            load_split(section, which), tokenizer, None if packed else section.seq_length, section.min_tokens
         )
         if packed:
             ds = pack_dataset(ds, section.packing, section.seq_length)
@@ -193,7 +216,7 @@ def load_or_build_tokenized(
     ds = datasets.load_from_disk(str(path))
     if len(ds) == 0:
         raise ConfigError(
-            f"data: no documents with >= {section.min_tokens} tokens in the {section.source!r} source; "
+            f"data ({which}): no documents with >= {section.min_tokens} tokens in the {section.source!r} source; "
             "check data.name / data.files / data.text_field / data.percentage."
         )
     return ds
@@ -335,3 +358,15 @@ def prepare_dataloader(
         num_workers=0,
     )
     return ShardedLoader(loader, sampler)
+
+
+def eval_batches(
+    dataset: Any, topo: Topology, micro_batch_size: int, pad_id: int, section: DataSection
+) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's share of the held-out rows (every row once across DP ranks; TP peers alike)."""
+    collate = make_collate(pad_id, section.padding, section.seq_length, section.packing)
+    mine = list(range(topo.dp_rank, len(dataset), topo.dp_size))
+    return [
+        collate([dataset[i] for i in mine[j : j + micro_batch_size]])
+        for j in range(0, len(mine), micro_batch_size)
+    ]

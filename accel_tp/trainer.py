@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer, LocalCheckpointer, RayCheckpointer, TrainState
-from .config import Config
-from .data import ShardedLoader, load_or_build_tokenized, prepare_dataloader
+from .config import Config, ConfigError
+from .data import ShardedLoader, eval_batches, load_or_build_tokenized, prepare_dataloader
 from .model import build_model, load_tokenizer, model_config
 from .parallel import (
     Topology,
@@ -77,6 +77,9 @@ class Runtime:
     total_steps: int
     precision: str
     metrics_path: Path | None
+    eval_data: list[dict[str, torch.Tensor]] | None = None
+    flops_per_token: float = 0.0
+    peak_flops: float | None = None
 
 
 def _device_info() -> tuple[str, bool]:
@@ -104,6 +107,22 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 
 
+def output_dir(cfg: Config, under_ray: bool, metrics_path: Path | None) -> Path:
+    """Where this run's metrics, trackers and plot go (Ray: next to its checkpoints when local)."""
+    if under_ray and metrics_path is not None:
+        return metrics_path.parent
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def _flat_config(cfg: Config) -> dict[str, Any]:
+    """Scalar `section.key` values, as trackers' hyper-parameter tables want them."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
 def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Runtime:
     """Build accelerator, model, optimizer, scheduler, loader and checkpointer for this worker."""
     _quiet_libraries()
@@ -113,12 +132,26 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     device_type, bf16_ok = _device_info()
+    if device_type == "cpu" and cfg.model.attn_implementation in ("flex_attention", "flash_attention_2"):
+        raise ConfigError(
+            f"model.attn_implementation: {cfg.model.attn_implementation} needs a GPU (no CPU backward); "
+            "use sdpa on CPU."
+        )
     precision = resolve_precision(cfg.deepspeed.precision, device_type, bf16_ok)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     topo = Topology.from_config(cfg, world_size, rank)
     ds_config = build_deepspeed_config(cfg, topo, precision)
+    run_dir = output_dir(cfg, under_ray, metrics_path)
+    log_with = cfg.train.log_with
+    if log_with is None:
+        from accelerate.utils import is_tensorboard_available
+
+        log_with = ["tensorboard"] if is_tensorboard_available() else []
     accelerator = Accelerator(
+        log_with=log_with or None,
+        # Trackers write to <project_dir>/<run name>, i.e. into the run's output folder.
+        project_dir=str(run_dir.parent),
         deepspeed_plugin=make_deepspeed_plugin(ds_config),
         mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision],
         # We step the scheduler once per optimizer step ourselves; Accelerate would otherwise step
@@ -127,6 +160,8 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if device_type == "cuda" else "gloo")],
     )
     assert accelerator.num_processes == world_size and accelerator.process_index == rank
+    if log_with:
+        accelerator.init_trackers(cfg.run.name, config=_flat_config(cfg))
     set_seed(cfg.run.seed)
 
     cache_dir = cfg.data.resolved_cache_dir()
@@ -144,8 +179,13 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         dataset, topo, cfg.train.micro_batch_size, tokenizer.pad_token_id, cfg.data, seed=cfg.run.seed
     )
     total_steps = total_steps_for(cfg, loader.batches_per_epoch)
+    eval_ds = load_or_build_tokenized(cfg.data, tokenizer, local_main, accelerator.wait_for_everyone, "eval")
+    eval_data = None
+    if eval_ds is not None:
+        eval_data = eval_batches(eval_ds, topo, cfg.train.micro_batch_size, tokenizer.pad_token_id, cfg.data)
 
     model = build_model(cfg.model, mconf, cfg.run.seed)
+    flops = flops_per_token(mconf, sum(p.numel() for p in model.parameters()), cfg.data.seq_length)
     tr = cfg.train
     optimizer = torch.optim.AdamW(
         param_groups(model, tr.weight_decay),
@@ -164,7 +204,6 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     if under_ray:
         checkpointer: Checkpointer = RayCheckpointer(accelerator, state)
     else:
-        run_dir = Path(cfg.run.output_dir) / cfg.run.name
         checkpointer = LocalCheckpointer(
             accelerator, state, run_dir / "checkpoints", cfg.checkpoint.resume_from
         )
@@ -182,7 +221,45 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         total_steps=total_steps,
         precision=precision,
         metrics_path=metrics_path,
+        eval_data=eval_data,
+        flops_per_token=flops,
+        peak_flops=peak_bf16_flops() if device_type == "cuda" else None,
     )
+
+
+def flops_per_token(mconf: Any, n_params: int, seq_length: int) -> float:
+    """Training FLOPs per token: 6 x parameters (forward + backward matmuls, embeddings included,
+    the usual convention) + 12 x layers x hidden x seq_length for attention scores and values
+    (an upper bound with packed or short rows)."""
+    return 6.0 * n_params + 12.0 * mconf.num_hidden_layers * mconf.hidden_size * seq_length
+
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device-name substring.
+_PEAKS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12))
+
+
+def peak_bf16_flops() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in _PEAKS if key in name), None)
+
+
+def evaluate(rt: Runtime) -> dict[str, float]:
+    """Mean loss over every held-out token, each DP shard once (TP peers count once), and perplexity."""
+    acc, model = rt.accelerator, rt.model
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for mb in rt.eval_data or []:
+            n = float((mb["labels"][:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            batch = {k: v.to(acc.device) for k, v in mb.items() if not k.startswith("_")}
+            total += float(model(**batch, use_cache=False).loss) * n
+            count += n
+    model.train()
+    total, count = _all_reduce([total, count], acc.device)  # both counted tp_size times: ratio unchanged
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count / rt.topo.tp_size}
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -290,6 +367,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=rt.total_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+    t_start = time.perf_counter()
     groups = _micro_batch_groups(rt.loader.stream(state.micro_batches), ga)
     rt.model.train()
     metrics: dict[str, Any] = {}
@@ -311,9 +389,16 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
             "grad_norm": stats["grad_norm"],
             "tokens_seen": state.tokens,
             "tokens_per_s": stats["tokens"] / dt,
+            "tokens_per_s_per_device": stats["tokens"] / dt / rt.topo.world_size,
             "step_time_s": dt,
             "global_batch": gbs,
         }
+        if rt.peak_flops:
+            # Real tokens only: padding does not count as useful work.
+            metrics["mfu"] = stats["tokens"] * rt.flops_per_token / dt / (rt.peak_flops * rt.topo.world_size)
+        if torch.cuda.is_available():
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        acc.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(
@@ -324,20 +409,67 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
                 refresh=False,
             )
         last = state.step == rt.total_steps
+        ev = cfg.train.eval_every
+        if rt.eval_data is not None and (last or (ev and state.step % ev == 0)):
+            metrics.update(evaluate(rt))
         save = (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or (
             last and cfg.checkpoint.at_end
         )
-        if state.step % cfg.train.log_every == 0 or last or save:
+        log = state.step % cfg.train.log_every == 0 or last or "eval_loss" in metrics
+        if log or save:
             _log(rt, metrics)
         if save:
             rt.checkpointer.save(state.step, metrics)
-        elif state.step % cfg.train.log_every == 0 or last:
+        elif log:
             _report(under_ray, metrics)
         t_last = time.perf_counter()  # checkpoint and logging time is not step time
     if bar is not None:
         bar.close()
     acc.wait_for_everyone()
+    if acc.is_main_process:
+        _finish(rt, metrics, time.perf_counter() - t_start, start)
     return metrics
+
+
+def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    """loss.png: train and eval loss against tokens seen (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["tokens_seen"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    ev = [r for r in rows if "eval_loss" in r]
+    if ev:
+        ax.plot([r["tokens_seen"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval loss")
+    ax.set_xlabel("tokens seen (real, all DP ranks)")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _finish(rt: Runtime, metrics: dict[str, Any], seconds: float, start: int) -> None:
+    """The plot and a one-line summary on rank 0."""
+    plot = None
+    if rt.metrics_path is not None and rt.metrics_path.exists():
+        plot = plot_losses(rt.metrics_path, rt.metrics_path.parent / "loss.png")
+    tokens = metrics.get("tokens_seen", 0)
+    ppl = f"{metrics['eval_ppl']:.2f}" if "eval_ppl" in metrics else "n/a (no eval data)"
+    steps = rt.state.step - start
+    print(
+        f"[accel-tp] done: {steps} steps, {tokens} tokens seen, {seconds:.1f} s this session, "
+        f"{metrics.get('tokens_per_s', 0):.0f} tokens/s (last step), final eval ppl {ppl}; "
+        f"plot: {plot or 'n/a'}; export: none (checkpoints are DeepSpeed-native)",
+        flush=True,
+    )
 
 
 def run_worker(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from accel_tp.model import build_model, load_tokenizer, model_config
 from accel_tp.trainer import lr_lambda, param_groups
 
 
-def reference_losses(cfg: Config, global_batch: int) -> list[float]:
+def reference_losses(cfg: Config, global_batch: int) -> tuple[list[float], float, float]:
+    """Training losses per step, then the held-out token-mean loss and token count at the end."""
     tokenizer = load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
     mconf = model_config(cfg.model, len(tokenizer))
     ds = load_or_build_tokenized(cfg.data, tokenizer, True, lambda: None)
@@ -38,6 +39,7 @@ def reference_losses(cfg: Config, global_batch: int) -> list[float]:
     losses = []
     for s in range(steps):
         batch = collate([ds[i] for i in order[s * global_batch : (s + 1) * global_batch]])
+        batch.pop("_real_tokens")
         loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.deepspeed.gradient_clipping)
@@ -45,4 +47,14 @@ def reference_losses(cfg: Config, global_batch: int) -> list[float]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return losses
+    eval_ds = load_or_build_tokenized(cfg.data, tokenizer, True, lambda: None, "eval")
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(0, len(eval_ds), 16):
+            batch = collate([eval_ds[j] for j in range(i, min(i + 16, len(eval_ds)))])
+            batch.pop("_real_tokens")
+            n = float((batch["labels"][:, 1:] != -100).sum())
+            total += model(**batch, use_cache=False).loss.item() * n
+            count += n
+    return losses, total / count, count

@@ -36,6 +36,7 @@ def base_overrides(cache: Path, out: Path) -> dict[str, object]:
         "run.output_dir": str(out),
         "data.cache_dir": str(cache),
         "data.seq_length": 64,
+        "data.eval_fraction": 0.05,
         "deepspeed.precision": "fp32",
         "deepspeed.gradient_clipping": 1.0,
         "train.max_steps": STEPS,
@@ -89,10 +90,15 @@ def runs(tmp_path_factory, cache):
 
 
 @pytest.fixture(scope="module")
-def reference(cache, tmp_path_factory) -> list[float]:
+def reference_run(cache, tmp_path_factory) -> tuple[list[float], float, float]:
     ov = {**base_overrides(cache, tmp_path_factory.mktemp("ref")), **layout(1, 1)}
     cfg = load_config(TINY, [f"{k}={v}" for k, v in ov.items()])
     return reference_losses(cfg, GLOBAL_BATCH)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> list[float]:
+    return reference_run[0]
 
 
 def losses(metrics: list[dict]) -> list[float]:
@@ -133,6 +139,15 @@ def test_parity_with_single_process_reference(runs, reference, tp, dp):
     assert_close(losses(got["metrics"]), reference)
     # The loss must actually move, or parity would prove nothing.
     assert reference[-1] < reference[0] - 0.5
+
+
+@pytest.mark.parametrize("tp,dp", [(2, 2), (1, 4), (4, 1)])
+def test_eval_counts_each_held_out_token_once(runs, reference_run, tp, dp):
+    """Eval at the end: every held-out token once across DP shards, TP peers not double counted."""
+    _, ref_loss, ref_tokens = reference_run
+    last = runs(tp, dp)["metrics"][-1]
+    assert last["eval_tokens"] == ref_tokens
+    assert last["eval_loss"] == pytest.approx(ref_loss, rel=RTOL)
 
 
 @pytest.mark.parametrize("tp,dp,zero", [(2, 2, 2)])
