@@ -368,6 +368,8 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
 
         bar = tqdm(total=rt.total_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
     t_start = time.perf_counter()
+    tokens_start = state.tokens
+    last_ckpt = None
     groups = _micro_batch_groups(rt.loader.stream(state.micro_batches), ga)
     rt.model.train()
     metrics: dict[str, Any] = {}
@@ -419,7 +421,9 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         if log or save:
             _log(rt, metrics)
         if save:
-            rt.checkpointer.save(state.step, metrics)
+            last_ckpt = (
+                rt.checkpointer.save(state.step, metrics) or f"step_{state.step:08d} (reported to Ray)"
+            )
         elif log:
             _report(under_ray, metrics)
         t_last = time.perf_counter()  # checkpoint and logging time is not step time
@@ -427,7 +431,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _finish(rt, metrics, time.perf_counter() - t_start, start)
+        _finish(rt, metrics, time.perf_counter() - t_start, state.tokens - tokens_start, last_ckpt)
     return metrics
 
 
@@ -456,18 +460,18 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     return out
 
 
-def _finish(rt: Runtime, metrics: dict[str, Any], seconds: float, start: int) -> None:
+def _finish(
+    rt: Runtime, metrics: dict[str, Any], seconds: float, tokens: int, checkpoint: str | None
+) -> None:
     """The plot and a one-line summary on rank 0."""
     plot = None
     if rt.metrics_path is not None and rt.metrics_path.exists():
         plot = plot_losses(rt.metrics_path, rt.metrics_path.parent / "loss.png")
-    tokens = metrics.get("tokens_seen", 0)
     ppl = f"{metrics['eval_ppl']:.2f}" if "eval_ppl" in metrics else "n/a (no eval data)"
-    steps = rt.state.step - start
     print(
-        f"[accel-tp] done: {steps} steps, {tokens} tokens seen, {seconds:.1f} s this session, "
-        f"{metrics.get('tokens_per_s', 0):.0f} tokens/s (last step), final eval ppl {ppl}; "
-        f"plot: {plot or 'n/a'}; export: none (checkpoints are DeepSpeed-native)",
+        f"[accel-tp] done: {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s incl. "
+        f"eval and saving), final eval ppl {ppl}; checkpoint: {checkpoint or 'none saved'}; "
+        f"plot: {plot or 'n/a'}; export: none (the checkpoint is DeepSpeed-native)",
         flush=True,
     )
 

@@ -449,7 +449,9 @@ def test_tokenized_cache_build_reuse_and_keys(tmp_path: Path, default_tokenizer,
 def test_tokenized_empty_result_raises(tmp_path: Path, default_tokenizer) -> None:
     src = write_jsonl(tmp_path / "d.jsonl", [{"text": ""}, {"text": ""}])
     section = DataSection(source="files", files=[str(src)], cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ConfigError, match=r"data: no documents with >= 2 tokens in the 'files' source"):
+    with pytest.raises(
+        ConfigError, match=r"data \(train\): no documents with >= 2 tokens in the .files. source"
+    ):
         load_or_build_tokenized(section, default_tokenizer, True, lambda: None)
 
 

@@ -137,6 +137,10 @@ def test_parity_with_single_process_reference(runs, reference, tp, dp):
     assert [m["step"] for m in got["metrics"]] == list(range(1, STEPS + 1))
     assert all(m["global_batch"] == GLOBAL_BATCH for m in got["metrics"])
     assert_close(losses(got["metrics"]), reference)
+    # The run's outputs: the plot, TensorBoard events (Accelerate tracker), the summary line.
+    assert (got["dir"] / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert list(got["dir"].rglob("events.out.tfevents.*")), "no TensorBoard files in the run folder"
+    assert "[accel-tp] done:" in got["stdout"] and "final eval ppl" in got["stdout"]
     # The loss must actually move, or parity would prove nothing.
     assert reference[-1] < reference[0] - 0.5
 
