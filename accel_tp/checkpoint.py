@@ -44,16 +44,21 @@ class Checkpointer(Protocol):
     def load(self) -> int: ...
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete `step_N` folder under `root` (temporary folders are ignored)."""
+def steps_under(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete `step_N` checkpoints under `root` (temporary ones excluded)."""
     root = Path(root)
     if not root.is_dir():
-        return None
-    steps = [
+        return []
+    return [
         (int(p.name[len(_PREFIX) :]), p)
         for p in root.iterdir()
         if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit()
     ]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete `step_N` folder under `root` (temporary folders are ignored)."""
+    steps = steps_under(root)
     return max(steps)[1] if steps else None
 
 
@@ -70,12 +75,18 @@ class LocalCheckpointer:
     """`accelerate launch` runs: folders `<root>/step_N`, written under a temporary name first."""
 
     def __init__(
-        self, accelerator: Any, state: TrainState, root: str | os.PathLike, resume_from: str | None
+        self,
+        accelerator: Any,
+        state: TrainState,
+        root: str | os.PathLike,
+        resume_from: str | None,
+        keep_last: int | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.state = state
         self.root = Path(root)
         self.resume_from = resume_from
+        self.keep_last = keep_last
 
     def save(self, step: int, metrics: dict[str, Any]) -> str:
         acc = self.accelerator
@@ -92,6 +103,9 @@ class LocalCheckpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            if self.keep_last:
+                for old in sorted(steps_under(self.root))[: -self.keep_last]:
+                    shutil.rmtree(old[1], ignore_errors=True)
         acc.wait_for_everyone()
         return str(final)
 

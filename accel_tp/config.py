@@ -258,6 +258,8 @@ class CheckpointSection:
     # Save every N optimizer steps (0: never mid-run); and at the end when at_end is true.
     every_steps: int = 0
     at_end: bool = True
+    # Keep only the newest N checkpoints (Ray: CheckpointConfig(num_to_keep)); None keeps all.
+    keep_last: int | None = None
     # `accelerate launch` only: resume from this checkpoint directory ("latest": the newest one
     # under <run.output_dir>/<run.name>/checkpoints). Ray runs resume from Ray's own checkpoint.
     resume_from: str | None = None
@@ -265,6 +267,8 @@ class CheckpointSection:
     def validate(self) -> None:
         if self.every_steps < 0:
             raise ConfigError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}.")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last: must be >= 1 or null (keep all), got {self.keep_last}.")
 
 
 @dataclass

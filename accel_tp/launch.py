@@ -108,7 +108,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             name=cfg.run.name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
     )
     result = trainer.fit()

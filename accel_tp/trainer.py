@@ -205,7 +205,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         checkpointer: Checkpointer = RayCheckpointer(accelerator, state)
     else:
         checkpointer = LocalCheckpointer(
-            accelerator, state, run_dir / "checkpoints", cfg.checkpoint.resume_from
+            accelerator, state, run_dir / "checkpoints", cfg.checkpoint.resume_from, cfg.checkpoint.keep_last
         )
         metrics_path = metrics_path or run_dir / "metrics.jsonl"
     return Runtime(
