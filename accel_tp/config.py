@@ -260,6 +260,9 @@ class CheckpointSection:
     at_end: bool = True
     # Keep only the newest N checkpoints (Ray: CheckpointConfig(num_to_keep)); None keeps all.
     keep_last: int | None = None
+    # At the end of training, also write a consolidated Hugging Face model (safetensors, config,
+    # tokenizer) to <run output folder>/hf.
+    export_hf: bool = False
     # `accelerate launch` only: resume from this checkpoint directory ("latest": the newest one
     # under <run.output_dir>/<run.name>/checkpoints). Ray runs resume from Ray's own checkpoint.
     resume_from: str | None = None

@@ -121,6 +121,8 @@ def build_deepspeed_config(cfg: Config, topo: Topology, precision: str) -> dict[
         "contiguous_gradients": ds.contiguous_gradients,
         "reduce_bucket_size": ds.reduce_bucket_size,
         "allgather_bucket_size": ds.allgather_bucket_size,
+        # Lets accelerator.get_state_dict gather the AutoTP shards into full weights (export).
+        "gather_16bit_weights_on_model_save": True,
     }
     config: dict[str, Any] = {
         # DeepSpeed checks train_batch_size == micro x accum x world_size when no mpu is passed

@@ -78,6 +78,7 @@ class Runtime:
     precision: str
     metrics_path: Path | None
     eval_data: list[dict[str, torch.Tensor]] | None = None
+    tokenizer: Any = None
     flops_per_token: float = 0.0
     peak_flops: float | None = None
 
@@ -222,6 +223,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         precision=precision,
         metrics_path=metrics_path,
         eval_data=eval_data,
+        tokenizer=tokenizer,
         flops_per_token=flops,
         peak_flops=peak_bf16_flops() if device_type == "cuda" else None,
     )
@@ -430,8 +432,14 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     acc.wait_for_everyone()
+    exported = None
+    if cfg.checkpoint.export_hf and rt.metrics_path is not None:
+        from .export import export_hf
+
+        probe = next(iter(rt.loader.loader))  # a training batch, to check the export against
+        exported = export_hf(acc, rt.model, rt.tokenizer, rt.metrics_path.parent / "hf", probe=probe)
     if acc.is_main_process:
-        _finish(rt, metrics, time.perf_counter() - t_start, state.tokens - tokens_start, last_ckpt)
+        _finish(rt, metrics, time.perf_counter() - t_start, state.tokens - tokens_start, last_ckpt, exported)
     return metrics
 
 
@@ -461,7 +469,12 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
 
 
 def _finish(
-    rt: Runtime, metrics: dict[str, Any], seconds: float, tokens: int, checkpoint: str | None
+    rt: Runtime,
+    metrics: dict[str, Any],
+    seconds: float,
+    tokens: int,
+    checkpoint: str | None,
+    export: Path | None,
 ) -> None:
     """The plot and a one-line summary on rank 0."""
     plot = None
@@ -471,7 +484,7 @@ def _finish(
     print(
         f"[accel-tp] done: {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s incl. "
         f"eval and saving), final eval ppl {ppl}; checkpoint: {checkpoint or 'none saved'}; "
-        f"plot: {plot or 'n/a'}; export: none (the checkpoint is DeepSpeed-native)",
+        f"plot: {plot or 'n/a'}; export: {export or 'none (checkpoint.export_hf: false)'}",
         flush=True,
     )
 

@@ -48,6 +48,7 @@ def base_overrides(cache: Path, out: Path) -> dict[str, object]:
         "train.progress_bar": False,
         "checkpoint.every_steps": 10,
         "checkpoint.at_end": False,
+        "checkpoint.export_hf": True,
     }
 
 
@@ -157,6 +158,23 @@ def test_eval_counts_each_held_out_token_once(runs, reference_run, tp, dp):
 @pytest.mark.parametrize("tp,dp,zero", [(2, 2, 2)])
 def test_parity_zero_stages(runs, reference, tp, dp, zero):
     assert_close(losses(runs(tp, dp, zero)["metrics"]), reference)
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_hf_export_matches_trained_tp_model(runs, zero):
+    """The consolidated export loads as a plain HF model in one process and gives the trained
+    tp2 x dp2 model's logits and loss on the same batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    export = runs(2, 2, zero)["dir"] / "hf"
+    assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    check = torch.load(export / "export_check.pt")
+    with torch.no_grad():
+        out = model(**check["batch"])
+    assert out.loss.item() == pytest.approx(check["loss"], rel=1e-6)
+    torch.testing.assert_close(out.logits, check["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_resume_continues_at_exact_step(runs, tmp_path, cache):
