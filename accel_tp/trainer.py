@@ -298,17 +298,25 @@ def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: 
                 loss = total / topo.tp_size / label_tokens
                 if not math.isfinite(loss):
                     raise FloatingPointError(
-                        f"step {step + 1}: loss is {loss}; stopping before the optimizer step (weights and "
-                        "checkpoints are unchanged). Lower train.learning_rate or check the data."
+                        f"step {step + 1}: loss is {loss}, not finite; stopping before the optimizer step "
+                        "(weights and checkpoints are unchanged). Lower train.learning_rate or check the data."
                     )
             acc.backward(out.loss)
             rt.optimizer.step()
             rt.optimizer.zero_grad()
     rt.scheduler.step()
-    grad_norm = model.get_global_grad_norm()
+    norm = model.get_global_grad_norm()  # None where DeepSpeed did not compute one
+    grad_norm = float(norm) if norm is not None else float("nan")
+    # Under fp16 an overflow is routine (the loss scaler skips the step); under bf16 / fp32 it means
+    # the run has diverged, so stop rather than train on.
+    if norm is not None and rt.precision != "fp16" and not math.isfinite(grad_norm):
+        raise FloatingPointError(
+            f"step {step + 1}: gradient norm is {grad_norm}, not finite; stopping (the last checkpoint "
+            "precedes this step). Lower train.learning_rate or keep deepspeed.gradient_clipping on."
+        )
     return {
         "loss": loss,
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "grad_norm": grad_norm,
         "tokens": real_tokens,
         "label_tokens": label_tokens,
     }

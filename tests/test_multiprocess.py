@@ -277,3 +277,24 @@ def test_ray_survives_a_killed_worker(runs, tmp_path, cache):
     ]
     b = torch.load(full["dir"] / "checkpoints" / "step_00000020" / name, weights_only=False)["module"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_loss_stops_with_the_step(tmp_path, cache):
+    """A diverging run (absurd learning rate) stops with an error naming the step, before that
+    step's optimizer update, and saves nothing after it."""
+    ov = {
+        **base_overrides(cache, tmp_path),
+        **layout(1, 1),
+        "train.learning_rate": 1e6,
+        "train.warmup_steps": 0,
+        "deepspeed.gradient_clipping": 0.0,
+        "checkpoint.every_steps": 1,
+        "checkpoint.export_hf": False,
+    }
+    proc = accelerate_launch(1, ov)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "FloatingPointError: step " in text and "not finite; stopping" in text
+    bad_step = int(text.split("FloatingPointError: step ")[1].split(":")[0])
+    saved = sorted(p.name for p in (tmp_path / str(ov["run.name"]) / "checkpoints").glob("step_*"))
+    assert saved and saved[-1] == f"step_{bad_step - 1:08d}", (bad_step, saved)
