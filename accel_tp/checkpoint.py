@@ -16,7 +16,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["TrainState", "Checkpointer", "LocalCheckpointer", "RayCheckpointer", "latest_checkpoint"]
+__all__ = [
+    "TrainState",
+    "Checkpointer",
+    "LocalCheckpointer",
+    "RayCheckpointer",
+    "latest_checkpoint",
+    "peek_train_state",
+    "check_resume",
+]
 
 _PREFIX = "step_"
 
@@ -29,8 +37,9 @@ class TrainState:
     micro_batches: int = 0  # micro-batches consumed per DP rank since the start of the run
     tokens: int = 0  # real (non-padding) tokens seen, all DP ranks together
     global_batch_size: int = 0  # sequences per optimizer step when saved; a resume must match
+    model: str = ""  # fingerprint of the model's shape; a resume must match
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -42,6 +51,8 @@ class Checkpointer(Protocol):
     def save(self, step: int, metrics: dict[str, Any]) -> str | None: ...
 
     def load(self) -> int: ...
+
+    def precheck(self) -> None: ...
 
 
 def steps_under(root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -62,11 +73,33 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def _check_batch(state: TrainState, global_batch_size: int, where: str) -> None:
-    if state.global_batch_size and state.global_batch_size != global_batch_size:
+def peek_train_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The TrainState saved in a checkpoint folder, read without loading the model (None if absent).
+
+    `save_state` writes registered objects in order; TrainState is registered first.
+    """
+    import torch
+
+    f = Path(path) / "custom_checkpoint_0.pkl"
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+
+
+def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) -> None:
+    """Refuse, before anything is loaded, a checkpoint of another model or another global batch."""
+    if saved is None:
         raise ValueError(
-            f"{where}: checkpoint was trained with a global batch of {state.global_batch_size} sequences, "
-            f"this run has {global_batch_size} (micro_batch_size x grad_accum_steps x dp_size); the data "
+            f"{where}: not an accel-tp checkpoint (no custom_checkpoint_0.pkl with the train state)."
+        )
+    if saved.get("model") and current.model and saved["model"] != current.model:
+        raise ValueError(
+            f"{where}: checkpoint is of another model ({saved['model']}), this run builds {current.model}. "
+            "Point the resume at a checkpoint of this model, or change model.* back."
+        )
+    gbs = saved.get("global_batch_size", 0)
+    if gbs and gbs != current.global_batch_size:
+        raise ValueError(
+            f"{where}: checkpoint was trained with a global batch of {gbs} sequences, this run has "
+            f"{current.global_batch_size} (micro_batch_size x grad_accum_steps x dp_size); the data "
             "position would not line up. Resume with the same batch settings."
         )
 
@@ -109,20 +142,28 @@ class LocalCheckpointer:
         acc.wait_for_everyone()
         return str(final)
 
-    def load(self) -> int:
+    def _resume_path(self) -> Path | None:
         if not self.resume_from:
-            return 0
-        path = Path(self.resume_from)
+            return None
         if self.resume_from == "latest":
-            path = latest_checkpoint(self.root)
-            if path is None:
-                return 0
+            return latest_checkpoint(self.root)
+        path = Path(self.resume_from)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint.resume_from: no checkpoint folder {str(path)!r}.")
-        expected = self.state.global_batch_size
+        return path
+
+    def precheck(self) -> None:
+        """Refuse an incompatible checkpoint before the model is even built."""
+        path = self._resume_path()
+        if path is not None:
+            check_resume(peek_train_state(path), self.state, "checkpoint.resume_from")
+
+    def load(self) -> int:
+        path = self._resume_path()
+        if path is None:
+            return 0
+        check_resume(peek_train_state(path), self.state, "checkpoint.resume_from")
         self.accelerator.load_state(str(path))
-        _check_batch(self.state, expected, "checkpoint.resume_from")
-        self.state.global_batch_size = expected
         return self.state.step
 
 
@@ -148,15 +189,21 @@ class RayCheckpointer:
             )
         return None
 
+    def precheck(self) -> None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as path:
+                check_resume(peek_train_state(path), self.state, "ray checkpoint")
+
     def load(self) -> int:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return 0
-        expected = self.state.global_batch_size
         with ckpt.as_directory() as path:
+            check_resume(peek_train_state(path), self.state, "ray checkpoint")
             self.accelerator.load_state(path)
-        _check_batch(self.state, expected, "ray checkpoint")
-        self.state.global_batch_size = expected
         return self.state.step

@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import Config, ConfigError, config_from_dict
 
-__all__ = ["preflight", "run_ray", "run_local"]
+__all__ = ["preflight", "check_writable", "run_ray", "run_local"]
 
 
 def preflight(cfg: Config, world_size: int | None = None) -> None:
@@ -29,6 +29,20 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
             f"data.seq_length: {cfg.data.seq_length} exceeds the model's max_position_embeddings ({max_pos}); "
             f"use data.seq_length <= {max_pos}."
         )
+
+
+def check_writable(path: str | Path, field: str) -> None:
+    """Create `path` if needed and prove it takes a file, or fail naming the config field."""
+    import tempfile
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".accel-tp-write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"{field}: cannot write to {str(path)!r} ({e.strerror or e}); pick a writable folder."
+        ) from e
 
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
@@ -60,6 +74,10 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     world_size = par.tp_size * par.dp_size
     preflight(cfg, world_size)
 
+    storage = cfg.ray.storage_path
+    if _is_local_path(storage):
+        storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
+        check_writable(storage, "ray.storage_path")
     address = address if address is not None else cfg.ray.address
     cpus_needed = world_size * cfg.ray.cpus_per_worker
     if not ray.is_initialized():
@@ -90,12 +108,6 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             f"ray.device: {world_size} GPU workers need {world_size} GPUs; the Ray cluster has {int(gpus)}. "
             "Lower parallelism.* or set ray.device: cpu."
         )
-    storage = cfg.ray.storage_path
-    if _is_local_path(storage):
-        storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
-        Path(storage).mkdir(parents=True, exist_ok=True)
-        if not os.access(storage, os.W_OK):
-            raise ConfigError(f"ray.storage_path: {storage!r} is not writable; pick a writable folder.")
     metrics_path = str(Path(storage) / cfg.run.name / "metrics.jsonl") if _is_local_path(storage) else None
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_worker,
@@ -138,6 +150,8 @@ def run_local(cfg: Config) -> dict[str, Any]:
                 f"{e} Launch with: accelerate launch --use_deepspeed --num_processes {n} ..."
             ) from e
         raise
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_writable(Path(cfg.run.output_dir) / cfg.run.name, "run.output_dir")
     metrics = run_worker(cfg, under_ray=False)
     if int(os.environ.get("RANK", "0")) == 0:
         run_dir = Path(cfg.run.output_dir) / cfg.run.name

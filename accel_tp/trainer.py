@@ -185,6 +185,16 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     if eval_ds is not None:
         eval_data = eval_batches(eval_ds, topo, cfg.train.micro_batch_size, tokenizer.pad_token_id, cfg.data)
 
+    state = TrainState(global_batch_size=global_batch_size(cfg, topo), model=model_fingerprint(mconf))
+    if under_ray:
+        checkpointer: Checkpointer = RayCheckpointer(accelerator, state)
+    else:
+        checkpointer = LocalCheckpointer(
+            accelerator, state, run_dir / "checkpoints", cfg.checkpoint.resume_from, cfg.checkpoint.keep_last
+        )
+        metrics_path = metrics_path or run_dir / "metrics.jsonl"
+    checkpointer.precheck()  # a checkpoint of another model or batch fails here, before the model is built
+
     model = build_model(cfg.model, mconf, cfg.run.seed)
     flops = flops_per_token(mconf, sum(p.numel() for p in model.parameters()), cfg.data.seq_length)
     tr = cfg.train
@@ -200,15 +210,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     # a scheduler prepared on its own.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
-    state = TrainState(global_batch_size=global_batch_size(cfg, topo))
     accelerator.register_for_checkpointing(state, scheduler)
-    if under_ray:
-        checkpointer: Checkpointer = RayCheckpointer(accelerator, state)
-    else:
-        checkpointer = LocalCheckpointer(
-            accelerator, state, run_dir / "checkpoints", cfg.checkpoint.resume_from, cfg.checkpoint.keep_last
-        )
-        metrics_path = metrics_path or run_dir / "metrics.jsonl"
     return Runtime(
         cfg=cfg,
         topo=topo,
@@ -227,6 +229,13 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         flops_per_token=flops,
         peak_flops=peak_bf16_flops() if device_type == "cuda" else None,
     )
+
+
+def model_fingerprint(mconf: Any) -> str:
+    """The model's type and tensor shapes, to tell its checkpoints from another model's."""
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    shape = "-".join(str(getattr(mconf, k, "?")) for k in keys)
+    return f"{mconf.model_type}:{shape}:kv{getattr(mconf, 'num_key_value_heads', '?')}"
 
 
 def flops_per_token(mconf: Any, n_params: int, seq_length: int) -> float:

@@ -1,0 +1,144 @@
+"""The README's bad-input table: each bad input gets a clear error before the expensive part, and
+nothing already saved is touched. (Errors raised inside workers are covered in test_multiprocess.)"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from accel_tp.checkpoint import LocalCheckpointer, TrainState, check_resume, peek_train_state
+from accel_tp.config import ConfigError, DataSection, config_from_dict, load_config
+from accel_tp.data import load_or_build_tokenized
+from accel_tp.launch import preflight, run_ray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg_with(**sections):
+    data = {
+        "model": {"architecture": "tiny", "tokenizer": "default"},
+        "parallelism": {"tp_size": 2, "dp_size": 2},
+    }
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    return config_from_dict(data)
+
+
+def test_yaml_typo(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("model:\n  architecture: tiny\n  tokenizer: default\ntrain:\n  learning_rat: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"train.learning_rat: unknown key. Did you mean 'learning_rate'\?"):
+        load_config(p)
+
+
+def test_tp_not_dividing_world():
+    with pytest.raises(ConfigError, match=r"tp_size \(3\) x dp_size \(1\) = 3, but the world has 4"):
+        preflight(cfg_with(parallelism={"tp_size": 3, "dp_size": 1}), world_size=4)
+
+
+def test_too_many_tp_ranks_for_the_heads():
+    # The tiny model has 4 key-value heads.
+    with pytest.raises(
+        ConfigError, match=r"tp_size: 8 does not divide the model's 4 key-value heads.*\[1, 2, 4\]"
+    ):
+        preflight(cfg_with(parallelism={"tp_size": 8, "dp_size": 1}), world_size=8)
+
+
+def test_sequence_longer_than_the_model_allows():
+    with pytest.raises(
+        ConfigError, match=r"data.seq_length: 4096 exceeds the model's max_position_embeddings \(1024\)"
+    ):
+        preflight(cfg_with(data={"seq_length": 4096}), world_size=4)
+
+
+def test_missing_and_empty_datasets(tmp_path, default_tokenizer):
+    with pytest.raises(ConfigError, match=r"data.files: not found"):
+        load_or_build_tokenized(
+            DataSection(source="files", files=[str(tmp_path / "nope.txt")]),
+            default_tokenizer,
+            True,
+            lambda: None,
+        )
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    section = DataSection(source="files", files=[str(empty)], cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match=r"no documents"):
+        load_or_build_tokenized(section, default_tokenizer, True, lambda: None)
+    with pytest.raises(ConfigError, match=r"data.name: cannot load dataset"):
+        load_or_build_tokenized(
+            DataSection(source="hub", name=str(tmp_path / "no-such-dataset")),
+            default_tokenizer,
+            True,
+            lambda: None,
+        )
+
+
+def test_unwritable_storage_path_fails_before_ray_starts(tmp_path):
+    import ray
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg = cfg_with(ray={"storage_path": str(blocker / "runs")})
+    with pytest.raises(ConfigError, match=r"ray.storage_path: cannot write to"):
+        run_ray(cfg)
+    assert not ray.is_initialized()
+
+
+def _checkpoint(tmp_path, **state) -> Path:
+    ckpt = tmp_path / "ckpt" / "step_00000010"
+    ckpt.mkdir(parents=True)
+    torch.save(TrainState(step=10, **state).state_dict(), ckpt / "custom_checkpoint_0.pkl")
+    (ckpt / "pytorch_model").mkdir()
+    (ckpt / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    return ckpt
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+class NoLoad:
+    """Fails the test if anything reaches the real load."""
+
+    is_main_process = True
+
+    def load_state(self, path):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("an incompatible checkpoint reached load_state")
+
+
+@pytest.mark.parametrize(
+    "saved,match",
+    [
+        (
+            {"model": "qwen2:896-24", "global_batch_size": 8},
+            r"checkpoint is of another model \(qwen2:896-24\)",
+        ),
+        ({"model": "tiny", "global_batch_size": 16}, r"global batch of 16 sequences, this run has 8"),
+    ],
+)
+def test_incompatible_checkpoint_is_refused_untouched(tmp_path, saved, match):
+    ckpt = _checkpoint(tmp_path, **saved)
+    before = _digest(ckpt)
+    ck = LocalCheckpointer(
+        NoLoad(), TrainState(global_batch_size=8, model="tiny"), tmp_path / "ckpt", str(ckpt)
+    )
+    with pytest.raises(ValueError, match=match):
+        ck.precheck()
+    with pytest.raises(ValueError, match=match):
+        ck.load()
+    assert _digest(ckpt) == before
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "x").mkdir()
+    assert peek_train_state(tmp_path / "x") is None
+    with pytest.raises(ValueError, match="not an accel-tp checkpoint"):
+        check_resume(None, TrainState(), "checkpoint.resume_from")
