@@ -185,7 +185,11 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     if eval_ds is not None:
         eval_data = eval_batches(eval_ds, topo, cfg.train.micro_batch_size, tokenizer.pad_token_id, cfg.data)
 
-    state = TrainState(global_batch_size=global_batch_size(cfg, topo), model=model_fingerprint(mconf))
+    state = TrainState(
+        global_batch_size=global_batch_size(cfg, topo),
+        model=model_fingerprint(mconf),
+        layout=f"tp{topo.tp_size}xdp{topo.dp_size}",
+    )
     if under_ray:
         checkpointer: Checkpointer = RayCheckpointer(accelerator, state)
     else:

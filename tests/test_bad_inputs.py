@@ -122,13 +122,20 @@ class NoLoad:
             r"checkpoint is of another model \(qwen2:896-24\)",
         ),
         ({"model": "tiny", "global_batch_size": 16}, r"global batch of 16 sequences, this run has 8"),
+        (
+            {"model": "tiny", "global_batch_size": 8, "layout": "tp2xdp2"},
+            r"saved on layout tp2xdp2, this run is tp1xdp4",
+        ),
     ],
 )
 def test_incompatible_checkpoint_is_refused_untouched(tmp_path, saved, match):
     ckpt = _checkpoint(tmp_path, **saved)
     before = _digest(ckpt)
     ck = LocalCheckpointer(
-        NoLoad(), TrainState(global_batch_size=8, model="tiny"), tmp_path / "ckpt", str(ckpt)
+        NoLoad(),
+        TrainState(global_batch_size=8, model="tiny", layout="tp1xdp4"),
+        tmp_path / "ckpt",
+        str(ckpt),
     )
     with pytest.raises(ValueError, match=match):
         ck.precheck()
