@@ -124,12 +124,14 @@ class LocalCheckpointer:
         root: str | os.PathLike,
         resume_from: str | None,
         keep_last: int | None = None,
+        allow_external: bool = False,
     ) -> None:
         self.accelerator = accelerator
         self.state = state
         self.root = Path(root)
         self.resume_from = resume_from
         self.keep_last = keep_last
+        self.allow_external = allow_external
 
     def save(self, step: int, metrics: dict[str, Any]) -> str:
         acc = self.accelerator
@@ -160,6 +162,13 @@ class LocalCheckpointer:
         path = Path(self.resume_from)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint.resume_from: no checkpoint folder {str(path)!r}.")
+        if not self.allow_external and not path.resolve().is_relative_to(self.root.resolve()):
+            # torch.load unpickles: a checkpoint can run code. Only this run's own are trusted.
+            raise PermissionError(
+                f"checkpoint.resume_from: {str(path)!r} is outside this run's checkpoint folder "
+                f"{str(self.root)!r}. Loading a checkpoint unpickles it (it can run code); if you trust it, "
+                "set checkpoint.allow_external_resume: true."
+            )
         return path
 
     def precheck(self) -> None:

@@ -260,6 +260,9 @@ class CheckpointSection:
     at_end: bool = True
     # Keep only the newest N checkpoints (Ray: CheckpointConfig(num_to_keep)); None keeps all.
     keep_last: int | None = None
+    # Loading a checkpoint unpickles it, so resume_from must lie under this run's own checkpoint
+    # folder unless this is set (only for checkpoints you trust).
+    allow_external_resume: bool = False
     # At the end of training, also write a consolidated Hugging Face model (safetensors, config,
     # tokenizer) to <run output folder>/hf.
     export_hf: bool = False

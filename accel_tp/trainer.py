@@ -194,7 +194,12 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         checkpointer: Checkpointer = RayCheckpointer(accelerator, state)
     else:
         checkpointer = LocalCheckpointer(
-            accelerator, state, run_dir / "checkpoints", cfg.checkpoint.resume_from, cfg.checkpoint.keep_last
+            accelerator,
+            state,
+            run_dir / "checkpoints",
+            cfg.checkpoint.resume_from,
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.allow_external_resume,
         )
         metrics_path = metrics_path or run_dir / "metrics.jsonl"
     checkpointer.precheck()  # a checkpoint of another model or batch fails here, before the model is built

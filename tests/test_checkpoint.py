@@ -68,3 +68,13 @@ def test_resume_from_missing_folder_is_clear(tmp_path):
 
 def test_resume_latest_with_nothing_saved_starts_fresh(tmp_path):
     assert LocalCheckpointer(StandIn(), TrainState(), tmp_path, "latest").load() == 0
+
+
+def test_resume_from_outside_the_run_needs_opt_in(tmp_path):
+    other = tmp_path / "elsewhere" / "step_00000010"
+    other.mkdir(parents=True)
+    ck = LocalCheckpointer(StandIn(), TrainState(), tmp_path / "run" / "checkpoints", str(other))
+    with pytest.raises(PermissionError, match="allow_external_resume"):
+        ck.precheck()
+    trusted = LocalCheckpointer(StandIn(), TrainState(), tmp_path / "run", str(other), allow_external=True)
+    assert trusted._resume_path() == other

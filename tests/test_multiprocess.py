@@ -181,7 +181,8 @@ def test_resume_continues_at_exact_step(runs, tmp_path, cache):
     full = runs(2, 2)
     ckpt = full["dir"] / "checkpoints" / "step_00000010"
     assert (ckpt / "custom_checkpoint_0.pkl").is_file()
-    ov = {**base_overrides(cache, tmp_path), **layout(2, 2)}
+    # Another run's checkpoint: the resume must opt in (loading unpickles).
+    ov = {**base_overrides(cache, tmp_path), **layout(2, 2), "checkpoint.allow_external_resume": True}
     proc = accelerate_launch(4, ov, extra=["--resume", str(ckpt)])
     assert proc.returncode == 0
     resumed = read_metrics(tmp_path / str(ov["run.name"]) / "metrics.jsonl")
@@ -214,6 +215,20 @@ def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
     ray_metrics = read_metrics(run_dir / "metrics.jsonl")
     # Same YAML, same seed: Ray and accelerate launch give the same losses.
     assert losses(ray_metrics) == losses(runs(2, 2)["metrics"])
+
+    # A new run under the same name and storage resumes it (Ray's restore) from step 20.
+    again = run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train_ray.py"),
+            "--config",
+            str(TINY),
+            *set_args({**ov, "train.max_steps": 22}),
+        ]
+    )
+    assert again.returncode == 0
+    assert "steps=20->22" in again.stdout + again.stderr
+    assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 23))
 
 
 def _worker_pids() -> list[int]:
