@@ -303,17 +303,20 @@ def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: 
     # HF's loss is sum(token losses) / num_items_in_batch. DeepSpeed then divides by ga (micro-steps)
     # and averages over the dp ranks, so this divisor makes the gradient exactly that of
     # sum(all token losses of the global batch) / label_tokens.
-    num_items = torch.tensor(label_tokens / (topo.dp_size * ga), dtype=torch.float32, device=device)
-    loss_sum = 0.0
+    items = label_tokens / (topo.dp_size * ga)
+    num_items = torch.tensor(items, dtype=torch.float32, device=device)
+    # Summed on the device: one host sync per step (at the last micro-batch), not one per micro-batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, mb in enumerate(micro_batches):
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items() if not k.startswith("_")}
         with acc.accumulate(model):
             out = model(**mb, num_items_in_batch=num_items, use_cache=False)
-            loss_sum += float(out.loss.detach()) * float(num_items)
+            loss_sum += out.loss.detach().double() * items
             if i == ga - 1:
                 # Check before the last backward, i.e. before the optimizer step touches weights.
-                (total,) = _all_reduce([loss_sum], device)
-                loss = total / topo.tp_size / label_tokens
+                if dist.is_initialized():
+                    dist.all_reduce(loss_sum)
+                loss = loss_sum.item() / topo.tp_size / label_tokens
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"step {step + 1}: loss is {loss}, not finite; stopping before the optimizer step "
