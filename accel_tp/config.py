@@ -71,6 +71,14 @@ class ModelSection:
     tokenizer: str | None = None
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    # Liger's Triton kernels (GPU only): RMSNorm, RoPE, SwiGLU, and at tp_size 1 the fused linear
+    # cross-entropy, which never materialises the vocab-sized logits (under AutoTP the lm_head is
+    # vocab-sharded, so that one kernel is left out there).
+    liger_kernel: bool = False
+    # torch.compile each decoder layer (fuses norms, rotary and activations; the first steps compile).
+    compile: bool = False
+    # Recompute activations in the backward pass: only when memory requires it (costs ~1/3 more compute).
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         if (self.name_or_path is None) == (self.architecture is None):
@@ -210,6 +218,8 @@ class TrainSection:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    # torch's fused AdamW kernel (one launch for all tensors); false: the multi-tensor (foreach) one.
+    fused_optimizer: bool = True
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
     # The schedule decays to learning_rate * min_lr_ratio at the last step.

@@ -7,7 +7,14 @@ from typing import Any
 
 from .config import ConfigError, ModelSection
 
-__all__ = ["load_tokenizer", "model_config", "build_model", "architecture_config"]
+__all__ = [
+    "load_tokenizer",
+    "model_config",
+    "build_model",
+    "architecture_config",
+    "apply_liger_kernels",
+    "compile_decoder_layers",
+]
 
 # Shapes for random-init models. The Qwen entries copy the published configs' shapes.
 _SHAPES: dict[str, dict[str, Any]] = {
@@ -121,3 +128,50 @@ def build_model(section: ModelSection, config: Any, seed: int) -> Any:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.use_cache = False
     return model
+
+
+def apply_liger_kernels(model: Any, fused_linear_cross_entropy: bool, layer_kernels: bool = True) -> None:
+    """Swap in Liger's Triton kernels on this model instance (GPU only).
+
+    `fused_linear_cross_entropy` computes the loss from the last hidden states and the lm_head
+    weight in chunks, so the (tokens x vocab) logits are never stored; it reads lm_head.weight
+    directly and is only correct when that weight is whole (not vocab-sharded by tensor parallelism).
+    """
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise ConfigError(
+            f"model.liger_kernel: liger-kernel is not importable ({e}); pip install liger-kernel "
+            "(needs a GPU and triton) or set model.liger_kernel: false."
+        ) from e
+    _apply_liger_kernel_to_instance(
+        model=model,
+        fused_linear_cross_entropy=fused_linear_cross_entropy,
+        rope=layer_kernels,
+        rms_norm=layer_kernels,
+        swiglu=layer_kernels,
+    )
+
+
+def decoder_layers(model: Any) -> Any:
+    """The model's list of transformer blocks (Hugging Face decoder-only layout)."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ConfigError(
+            f"model.compile: cannot find the decoder layers of {type(model).__name__} "
+            "(expected <model>.model.layers); set model.compile: false."
+        )
+    return layers
+
+
+def compile_decoder_layers(model: Any) -> int:
+    """torch.compile each decoder layer in place; the embedding and loss stay eager.
+
+    Layer by layer rather than the whole model: one graph is compiled once and reused by every
+    layer, the compile time stays short, and DeepSpeed's hooks on the model are untouched.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)

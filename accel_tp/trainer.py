@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .checkpoint import Checkpointer, LocalCheckpointer, RayCheckpointer, TrainState
 from .config import Config, ConfigError
 from .data import ShardedLoader, eval_batches, load_or_build_tokenized, prepare_dataloader
-from .model import build_model, load_tokenizer, model_config
+from .model import apply_liger_kernels, build_model, compile_decoder_layers, load_tokenizer, model_config
 from .parallel import (
     Topology,
     build_deepspeed_config,
@@ -80,6 +80,7 @@ class Runtime:
     eval_data: list[dict[str, torch.Tensor]] | None = None
     tokenizer: Any = None
     flops_per_token: float = 0.0
+    n_params: int = 0  # of the whole (unsharded) model
     peak_flops: float | None = None
 
 
@@ -137,6 +138,10 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         raise ConfigError(
             f"model.attn_implementation: {cfg.model.attn_implementation} needs a GPU (no CPU backward); "
             "use sdpa on CPU."
+        )
+    if device_type == "cpu" and cfg.model.liger_kernel:
+        raise ConfigError(
+            "model.liger_kernel: Liger's kernels are Triton (GPU) kernels; set it false on CPU."
         )
     precision = resolve_precision(cfg.deepspeed.precision, device_type, bf16_ok)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -205,15 +210,29 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     checkpointer.precheck()  # a checkpoint of another model or batch fails here, before the model is built
 
     model = build_model(cfg.model, mconf, cfg.run.seed)
-    flops = flops_per_token(mconf, sum(p.numel() for p in model.parameters()), cfg.data.seq_length)
+    if cfg.model.liger_kernel:
+        # Under AutoTP the lm_head is vocab-sharded; the fused loss would read one shard as the whole.
+        apply_liger_kernels(
+            model,
+            fused_linear_cross_entropy=topo.tp_size == 1,
+            layer_kernels=os.environ.get("ACCEL_TP_LIGER_LAYERS", "1") == "1",  # TEMP: bench sweep
+        )
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_params = sum(p.numel() for p in model.parameters())
+    flops = flops_per_token(mconf, n_params, cfg.data.seq_length)
     tr = cfg.train
     optimizer = torch.optim.AdamW(
         param_groups(model, tr.weight_decay),
         lr=tr.learning_rate,
         betas=(tr.adam_beta1, tr.adam_beta2),
         eps=tr.adam_eps,
+        fused=tr.fused_optimizer,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.model.compile:
+        # After prepare: AutoTP has swapped in its sharded linears, which the compiled graphs include.
+        compile_decoder_layers(model.module)
     # Built on the prepared optimizer (DeepSpeed's ZeRO optimizer owns the param groups that step)
     # and checkpointed as a registered object: under DeepSpeed, Accelerate neither wraps nor saves
     # a scheduler prepared on its own.
@@ -236,6 +255,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         eval_data=eval_data,
         tokenizer=tokenizer,
         flops_per_token=flops,
+        n_params=n_params,
         peak_flops=peak_bf16_flops() if device_type == "cuda" else None,
     )
 

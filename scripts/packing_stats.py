@@ -9,27 +9,12 @@ tail), so no download is needed.
 
 import argparse
 import json
-import random
 import tempfile
 
 import datasets
 
-from accel_tp.corpus import build_default_tokenizer, load_default_corpus
+from accel_tp.corpus import build_default_tokenizer, load_default_corpus, wikitext_like
 from accel_tp.data import make_collate, pack_dataset, tokenize_dataset
-
-
-def wikitext_like(n: int = 4000, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    words = " ".join(load_default_corpus()).split()
-    docs = []
-    for _ in range(n):
-        if rng.random() < 0.25:  # " = = Heading = = " lines
-            length = rng.randint(2, 6)
-        else:
-            length = max(3, int(rng.lognormvariate(3.9, 0.7)))  # median ~50 words, mean ~65
-        start = rng.randrange(len(words) - length)
-        docs.append(" ".join(words[start : start + length]))
-    return docs
 
 
 def real_fraction(rows: list[dict], collate, micro: int) -> float:

@@ -1,0 +1,497 @@
+"""Side-by-side training throughput: a reference loop written the tutorial's way against accel-tp.
+
+For each model shape and sequence length, every arm runs in its own process (a fresh CUDA context,
+no monkey-patching leaking from one arm into the next), on the same micro-batches from accel-tp's
+data pipeline, and reports on rank 0:
+
+- reference: raw `deepspeed.initialize` with torch AdamW, ZeRO-1, bf16 master weights, gradients
+  and optimizer state, and Hugging Face's own loss (the tutorial's loop); fed input_ids, labels and
+  an attention mask, so packed rows are one causal sequence, the same FLOPs as accel-tp's.
+- accel (and any `--variant`): `trainer.setup` + `trainer.train_step`, i.e. Accelerate +
+  DeepSpeed exactly as the YAML configures them, with --set overrides per variant.
+- tutorial (`--tutorial`): the reference loop at the tutorial's own setting: micro-batch 1, every
+  document padded to 512 tokens.
+
+Tokens/s counts real (non-padding) tokens. MFU = tokens/s x FLOPs per token / the GPU's dense bf16
+peak, with FLOPs per token = 6 x parameters (embeddings included) + 12 x layers x hidden x seq
+(attention scores and values; an upper bound for packed or short rows). Timings come after
+`--warmup` steps (which absorb compilation and allocator growth), over `--steps` optimizer steps,
+from one CUDA synchronisation to the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "worker_main", "format_table"]
+
+_RESULT = "BENCH_RESULT "
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side: one arm, in its own process (or torchrun process group).
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step, next_micro_batches, warmup: int, steps: int, device: Any) -> dict[str, float]:
+    """Run warmup + steps optimizer steps; time the last `steps` between two synchronisations."""
+    import torch
+
+    real = positions = 0
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+        mbs = next_micro_batches()
+        if i >= warmup:
+            real += sum(int(mb["_real_tokens"]) for mb in mbs)
+            positions += sum(mb["input_ids"].numel() for mb in mbs)
+        step(mbs, i)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"seconds": seconds, "real": real, "positions": positions, "peak_gib": peak}
+
+
+def _global(values: list[float], device: Any, tp_size: int) -> list[float]:
+    """Sum per-rank token counts over the world; TP peers hold the same batch, so divide by tp."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return [v / tp_size for v in t.tolist()]
+
+
+def _reference_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """The tutorial's loop: raw deepspeed.initialize, torch AdamW, ZeRO-1, bf16 master weights."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .data import load_or_build_tokenized, prepare_dataloader
+    from .model import load_tokenizer, model_config
+    from .parallel import Topology, resolve_precision
+    from .trainer import flops_per_token, peak_bf16_flops
+
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    topo = Topology(world_size=world, tp_size=cfg.parallelism.tp_size, rank=rank)
+    precision = resolve_precision(
+        cfg.deepspeed.precision, device.type, cuda and torch.cuda.is_bf16_supported()
+    )
+    tok = load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
+    mconf = model_config(cfg.model, len(tok))
+    barrier = torch.distributed.barrier
+    dataset = load_or_build_tokenized(cfg.data, tok, int(os.environ.get("LOCAL_RANK", "0")) == 0, barrier)
+    tr = cfg.train
+    loader = prepare_dataloader(dataset, topo, tr.micro_batch_size, tok.pad_token_id, cfg.data, cfg.run.seed)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    torch.manual_seed(cfg.run.seed)
+    mconf._attn_implementation = cfg.model.attn_implementation
+    model = AutoModelForCausalLM.from_config(mconf, dtype=dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=tr.learning_rate, weight_decay=tr.weight_decay)
+    ds_config: dict[str, Any] = {
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum_steps * world,
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum_steps,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 1},
+        "tensor_parallel": {"autotp_size": topo.tp_size},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    if precision == "bf16":
+        ds_config["bf16"] = {
+            "enabled": True,
+            "bf16_master_weights_and_grads": True,
+            "bf16_optimizer_states": True,
+        }
+    elif precision == "fp16":
+        ds_config["fp16"] = {"enabled": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    engine.train()
+    stream = loader.stream()
+    last: dict[str, Any] = {}
+
+    def next_micro_batches() -> list[dict]:
+        return [next(stream)[1] for _ in range(tr.grad_accum_steps)]
+
+    def step(mbs: list[dict], _: int) -> None:
+        for mb in mbs:
+            ids = mb["input_ids"].to(device, non_blocking=True)
+            mask = mb.get("attention_mask", torch.ones_like(mb["input_ids"])).to(device, non_blocking=True)
+            out = engine(input_ids=ids, attention_mask=mask, labels=mb["labels"].to(device), use_cache=False)
+            engine.backward(out.loss)
+            engine.step()
+            last["loss"] = out.loss
+
+    timing = _time_steps(step, next_micro_batches, warmup, steps, device)
+    timing["loss"] = float(last["loss"])
+    info = {
+        "params": n_params,
+        "precision": precision,
+        "flops_per_token": flops_per_token(mconf, n_params, cfg.data.seq_length),
+        "peak_flops": peak_bf16_flops() if cuda else None,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "topo": topo,
+    }
+    return timing, info
+
+
+def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """accel-tp's full stack: the same setup() and train_step() that training runs."""
+    import torch
+
+    from .trainer import setup, train_step
+
+    rt = setup(cfg, under_ray=False)
+    stream = rt.loader.stream()
+    last: dict[str, Any] = {}
+
+    def next_micro_batches() -> list[dict]:
+        return [next(stream)[1] for _ in range(cfg.train.grad_accum_steps)]
+
+    def step(mbs: list[dict], i: int) -> None:
+        last.update(train_step(rt, mbs, i))
+
+    timing = _time_steps(step, next_micro_batches, warmup, steps, rt.accelerator.device)
+    timing["loss"] = float(last["loss"])
+    info = {
+        "params": rt.n_params,
+        "precision": rt.precision,
+        "flops_per_token": rt.flops_per_token,
+        "peak_flops": rt.peak_flops,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "topo": rt.topo,
+    }
+    rt.accelerator.end_training()
+    return timing, info
+
+
+def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Run one arm; returns (and rank 0 prints) its result row."""
+    import torch
+
+    from .config import load_config
+
+    cfg = load_config(spec["config"], spec["overrides"])
+    arm = _reference_arm if spec["kind"] == "reference" else _accel_arm
+    timing, info = arm(cfg, spec["warmup"], spec["steps"])
+    topo = info.pop("topo")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    real, positions, seconds = _global(
+        [timing["real"], timing["positions"], timing["seconds"]], device, topo.tp_size
+    )
+    seconds = seconds * topo.tp_size / topo.world_size  # mean over ranks (they are in lock step)
+    peak = timing["peak_gib"]
+    if peak is not None:
+        peak = _global([peak], device, 1)[0] / topo.world_size
+    tok_s = real / seconds
+    row = {
+        "name": spec["name"],
+        "kind": spec["kind"],
+        "shape": cfg.model.architecture or cfg.model.name_or_path,
+        "seq": cfg.data.seq_length,
+        "packing": cfg.data.packing,
+        "padding": cfg.data.padding,
+        "micro_batch": cfg.train.micro_batch_size,
+        "grad_accum": cfg.train.grad_accum_steps,
+        "tp": topo.tp_size,
+        "dp": topo.dp_size,
+        "zero": cfg.deepspeed.zero_stage if spec["kind"] != "reference" else 1,
+        "precision": info["precision"],
+        "params": info["params"],
+        "steps": spec["steps"],
+        "step_ms": 1e3 * seconds / spec["steps"],
+        "tokens_per_s": tok_s,
+        "tokens_per_s_per_gpu": tok_s / topo.world_size,
+        "real_fraction": real / positions,
+        "tflops_per_gpu": tok_s * info["flops_per_token"] / topo.world_size / 1e12,
+        "mfu": (tok_s * info["flops_per_token"] / topo.world_size / info["peak_flops"])
+        if info["peak_flops"]
+        else None,
+        "peak_gib": peak,
+        "final_loss": timing["loss"],
+        "device": info["device"],
+        "overrides": spec["overrides"],
+    }
+    if topo.rank == 0:
+        print(_RESULT + json.dumps(row), flush=True)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver side: build the arms, run each in a subprocess, print the table.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
+    """One arm in a fresh process tree; a failure becomes a row with its error, not a crash."""
+    port = _free_port()
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    payload = ["-m", "accel_tp.bench", "--worker", json.dumps(spec)]
+    if nproc == 1:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, *payload]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={port}",
+            *payload,
+        ]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (
+            e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        ) + f"\ntimeout {timeout}s"
+        rc = -1
+    wall = time.perf_counter() - t0
+    for line in out.splitlines():
+        if line.startswith(_RESULT):
+            row = json.loads(line[len(_RESULT) :])
+            row["wall_s"] = wall
+            return row
+    tail = "\n".join((out + "\n" + err).strip().splitlines()[-25:])
+    return {
+        "name": spec["name"],
+        "kind": spec["kind"],
+        "error": f"exit {rc}",
+        "log_tail": tail,
+        "wall_s": wall,
+    }
+
+
+def _parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, sets = text.partition(":")
+    if not name or not sets.strip():
+        raise SystemExit(f"--variant {text!r}: expected NAME:section.key=value [section.key=value ...]")
+    return name.strip(), sets.split()
+
+
+def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """The arm specs, grouped by (shape, seq): reference first, then accel-tp's variants."""
+    from .config import load_config
+
+    base_cfg = load_config(args.config, args.overrides)
+    base = list(args.overrides)
+    tp = base_cfg.parallelism.tp_size
+    if args.nproc % tp:
+        raise SystemExit(f"--nproc {args.nproc} is not a multiple of parallelism.tp_size {tp}.")
+    base += [
+        f"parallelism.dp_size={args.nproc // tp}",
+        f"run.output_dir={workdir / 'runs'}",
+        "train.log_with=[]",
+        "train.progress_bar=false",
+        "train.eval_every=0",
+        "data.eval_fraction=0",
+        "data.eval_split=null",
+        "checkpoint.every_steps=0",
+        "checkpoint.at_end=false",
+        "checkpoint.export_hf=false",
+        "checkpoint.resume_from=null",
+        f"train.max_steps={args.warmup + args.steps + 1}",
+        "train.warmup_steps=0",
+    ]
+    if args.corpus == "wikitext-like":
+        from .corpus import wikitext_like
+
+        path = workdir / "wikitext_like.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in wikitext_like(args.docs)))
+        base += ["data.source=files", f"data.files=[{path}]", "data.name=null"]
+    variants = ([] if args.no_accel else [("accel", [])]) + [_parse_variant(v) for v in args.variant]
+    shapes = args.shapes.split(",") if args.shapes else [None]
+    seqs = [int(s) for s in args.seq.split(",")] if args.seq else [None]
+    arms = []
+    for shape in shapes:
+        shape_sets = [f"model.architecture={shape}", "model.name_or_path=null"] if shape else []
+        if args.tutorial:
+            tut = [
+                "data.seq_length=512",
+                "data.packing=none",
+                "data.padding=max_length",
+                "train.micro_batch_size=1",
+                "train.grad_accum_steps=1",
+            ]
+            arms.append(_spec("tutorial", "reference", args, base + shape_sets + tut, shape, 512))
+        for seq in seqs:
+            seq_sets = [f"data.seq_length={seq}"] if seq else []
+            sets = base + shape_sets + seq_sets
+            if not args.no_reference:
+                arms.append(_spec("reference", "reference", args, sets, shape, seq))
+            for name, extra in variants:
+                arms.append(_spec(name, "accel", args, sets + extra, shape, seq))
+    for arm in arms:  # fail here, not in a worker, on a bad override
+        load_config(args.config, arm["overrides"])
+    return arms
+
+
+def _spec(name: str, kind: str, args: argparse.Namespace, sets: list[str], shape, seq) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": kind,
+        "config": str(args.config),
+        "overrides": list(sets),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "group": [shape, seq],
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """x reference: against the reference arm of the same shape and sequence; x tutorial:
+    against the tutorial-setting arm of the same shape (real tokens/s both)."""
+    for row in rows:
+        if "error" in row:
+            continue
+        same = [r for r in rows if "error" not in r and r.get("shape") == row["shape"]]
+        ref = next((r for r in same if r["name"] == "reference" and r["seq"] == row["seq"]), None)
+        tut = next((r for r in same if r["name"] == "tutorial"), None)
+        row["x_reference"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        row["x_tutorial"] = row["tokens_per_s"] / tut["tokens_per_s"] if tut else None
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| shape | seq | arm | mb x ga | real tokens/s | real % | step ms | MFU | peak GiB | x reference "
+        "| x tutorial |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| | | {r['name']} | | failed: {r['error']} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['shape']} | {r['seq']} | {r['name']} | {r['micro_batch']} x {r['grad_accum']} "
+            f"| {r['tokens_per_s']:,.0f} | {100 * r['real_fraction']:.1f} | {r['step_ms']:.1f} "
+            f"| {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
+            f"| {_fmt(r['peak_gib'], '.1f')} | {_fmt(r.get('x_reference'), '.2f')} "
+            f"| {_fmt(r.get('x_tutorial'), '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "deepspeed", "accelerate", "transformers", "liger-kernel"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Reference loop vs accel-tp, side by side (tokens/s, MFU, memory)."
+    )
+    p.add_argument(
+        "--config", required=True, help="run YAML for the accel arm (and shared data/train settings)"
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument(
+        "--shapes", default=None, help="comma list of model.architecture shapes (default: the YAML's)"
+    )
+    p.add_argument("--seq", default=None, help="comma list of sequence lengths (default: the YAML's)")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per arm")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:K=V [K=V ...]",
+        help="another accel-tp arm with these overrides, e.g. 'liger:model.liger_kernel=true'",
+    )
+    p.add_argument("--tutorial", action="store_true", help="add the tutorial's setting (mb 1, padded to 512)")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    p.add_argument("--no-accel", action="store_true", help="only the --variant arms, not the YAML as it is")
+    p.add_argument("--corpus", choices=["config", "wikitext-like"], default="config")
+    p.add_argument("--docs", type=int, default=20000, help="documents in the wikitext-like mix")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per arm")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per arm")
+    p.add_argument("--json", default=None, help="write the rows here (rewritten after every arm)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="accel_tp_bench_"))
+    arms = build_arms(args, workdir)
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "versions": _versions(),
+        "flops_per_token": "6 * params + 12 * layers * hidden * seq",
+        "rows": [],
+    }
+    for i, spec in enumerate(arms):
+        print(f"[bench] {i + 1}/{len(arms)} {spec['name']} {spec['group']} ...", flush=True)
+        row = run_arm(spec, args.nproc, args.timeout)
+        report["rows"].append(row)
+        add_ratios(report["rows"])
+        if "error" in row:
+            print(f"[bench]   failed ({row['error']}):\n{row['log_tail']}", flush=True)
+        else:
+            print(
+                f"[bench]   {row['tokens_per_s']:,.0f} real tokens/s, {row['step_ms']:.1f} ms/step",
+                flush=True,
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+    print(format_table(report["rows"]))
+    print("JSON " + json.dumps(report))
+    return 0 if all("error" not in r for r in report["rows"]) else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
+        worker_main(json.loads(sys.argv[2]))
+    else:
+        sys.exit(main())
