@@ -4,7 +4,9 @@ Both variants wrap `accelerator.save_state` / `load_state`, i.e. DeepSpeed's nat
 (TP model shards, ZeRO optimizer partitions) plus the scheduler, RNG states and the registered
 `TrainState` (step and data position). Ray runs hand the folder to Ray Train
 (`ray.train.report(checkpoint=...)`), which persists it to the run's storage; `accelerate launch`
-runs keep numbered folders under the run's output directory.
+runs keep numbered folders under the run's output directory. Given the run's config, both also
+write it into each checkpoint (`accel_tp_config.yaml`), so the checkpoint names its model and
+tokenizer (scripts/export_hf.py reads it).
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ __all__ = [
     "latest_checkpoint",
     "peek_train_state",
     "check_resume",
+    "write_run_config",
+    "RUN_CONFIG_FILE",
 ]
 
 _PREFIX = "step_"
+# The run's config (YAML), written into every checkpoint when the checkpointer is given it, so a
+# checkpoint says which model and tokenizer it belongs to (scripts/export_hf.py reads it).
+RUN_CONFIG_FILE = "accel_tp_config.yaml"
 
 
 @dataclass
@@ -114,6 +121,15 @@ def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) 
         )
 
 
+def write_run_config(folder: str | os.PathLike, run_config: dict[str, Any] | None) -> None:
+    """Record the run's config in a checkpoint folder (YAML: reading it back unpickles nothing)."""
+    if run_config is None:
+        return
+    import yaml
+
+    (Path(folder) / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=False))
+
+
 class LocalCheckpointer:
     """`accelerate launch` runs: folders `<root>/step_N`, written under a temporary name first."""
 
@@ -125,6 +141,7 @@ class LocalCheckpointer:
         resume_from: str | None,
         keep_last: int | None = None,
         allow_external: bool = False,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.state = state
@@ -132,6 +149,7 @@ class LocalCheckpointer:
         self.resume_from = resume_from
         self.keep_last = keep_last
         self.allow_external = allow_external
+        self.run_config = run_config
 
     def save(self, step: int, metrics: dict[str, Any]) -> str:
         acc = self.accelerator
@@ -140,6 +158,7 @@ class LocalCheckpointer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+            write_run_config(tmp, self.run_config)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
@@ -189,14 +208,17 @@ class LocalCheckpointer:
 class RayCheckpointer:
     """Ray runs: save into a local temp folder and report it; resume from Ray's latest checkpoint."""
 
-    def __init__(self, accelerator: Any, state: TrainState) -> None:
+    def __init__(self, accelerator: Any, state: TrainState, run_config: dict[str, Any] | None = None) -> None:
         self.accelerator = accelerator
         self.state = state
+        self.run_config = run_config
 
     def save(self, step: int, metrics: dict[str, Any]) -> None:
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix="accel-tp-ckpt-") as tmp:
+            if self.accelerator.is_main_process:
+                write_run_config(tmp, self.run_config)  # one copy; Ray merges the workers' files
             self.accelerator.save_state(tmp)
             self.accelerator.wait_for_everyone()
             # Every worker reports its own files (its DeepSpeed shards); Ray merges them into one

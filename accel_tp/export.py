@@ -1,27 +1,53 @@
 """Consolidated Hugging Face export of a TP-sharded, ZeRO-partitioned model.
 
-All ranks take part: `accelerator.get_state_dict` calls DeepSpeed's
-`engine._consolidated_16bit_state_dict()`, which all-gathers the AutoTP shards (and ZeRO partitions)
-into full tensors; rank 0 then writes safetensors, config and tokenizer with `save_pretrained`.
+Two ways in, one gathering path:
+
+* `export_hf` at the end of training: all ranks take part; `accelerator.get_state_dict` calls
+  DeepSpeed's `engine._consolidated_16bit_state_dict()`, which all-gathers the AutoTP shards into
+  full tensors; rank 0 then writes safetensors, config and tokenizer with `save_pretrained`.
+* `export_checkpoint` (scripts/export_hf.py) from a saved checkpoint: it starts tp_size processes
+  (gloo, CPU), each builds the model from the run's config, DeepSpeed shards it with the
+  checkpoint's AutoTP size (dp = 1, no ZeRO, no optimizer), loads its `mp_rank_XX` module weights
+  (`load_module_only`), and then `export_hf` gathers and writes as above. DeepSpeed does the
+  gathering; nothing here merges shards by hand.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["export_hf"]
+from .checkpoint import RUN_CONFIG_FILE, peek_train_state, steps_under
+from .config import Config, ConfigError, load_config
+
+__all__ = ["export_hf", "export_checkpoint", "inspect_checkpoint", "ray_registered", "CheckpointInfo", "main"]
+
+# Accelerate's save_state hands DeepSpeed this tag (accelerate.utils.MODEL_NAME) for the model.
+MODEL_TAG = "pytorch_model"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def export_hf(
-    accelerator: Any, engine: Any, tokenizer: Any, out_dir: str | Path, probe: dict | None = None
+    accelerator: Any,
+    engine: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    probe: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the trained model as a plain HF model to `out_dir`; returns the folder.
 
     With `probe` (a batch), rank 0 also saves that batch and the trained model's logits and loss
     on it as `export_check.pt` beside the export, so the export can be verified against them.
+    `tokenizer` None writes no tokenizer; `dtype` casts the weights (default: as the engine holds them).
     """
     out = Path(out_dir)
     state_dict = accelerator.get_state_dict(engine)  # collective: every rank must call it
@@ -39,11 +65,347 @@ def export_hf(
         }
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(engine)
+        if dtype is not None:
+            state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+            model.to(dtype)  # save_pretrained records the module's dtype in config.json
         out.mkdir(parents=True, exist_ok=True)
         model.config.use_cache = True
         model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
         if check is not None:
             torch.save(check, out / "export_check.pt")
     accelerator.wait_for_everyone()
     return out
+
+
+@dataclass
+class CheckpointInfo:
+    """What an export needs to know about a checkpoint, read without loading its weights."""
+
+    path: Path
+    tp_size: int
+    dtype: torch.dtype  # the module weights' dtype (the training precision)
+    train_state: dict[str, Any]
+    run_config: Path | None  # the run's YAML recorded in the checkpoint, if any
+
+
+# Ray Train writes this into a run folder; it lists the checkpoints Ray registered.
+_RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def ray_registered(run_dir: Path) -> list[Path] | None:
+    """The checkpoints Ray registered in a Ray run folder, oldest first (None: not a Ray run folder).
+
+    Ray registers a checkpoint only once every worker has reported it, so a step folder that is not
+    listed is a save a crash cut short (or one Ray is still collecting).
+    """
+    if not (run_dir / _RAY_SNAPSHOT).is_file():
+        return None
+    import logging
+
+    import ray.train
+
+    log = logging.getLogger("ray.train")
+    level = log.level
+    log.setLevel(logging.ERROR)  # from_path explains at length how a restore would resume
+    try:
+        result = ray.train.Result.from_path(str(run_dir))
+    finally:
+        log.setLevel(level)
+    return sorted((Path(c.path) for c, _ in result.best_checkpoints), key=lambda c: c.name)
+
+
+def _not_a_checkpoint(path: Path) -> ConfigError:
+    # A run folder (local runs keep theirs under checkpoints/) or a Ray run folder: name its steps.
+    steps = ray_registered(path) or [
+        p for _, p in sorted(steps_under(path) or steps_under(path / "checkpoints"))
+    ]
+    if steps:
+        names = ", ".join(p.name for p in steps[-3:])
+        hint = f"it holds checkpoints ({names}); pass one of them, e.g. --checkpoint {steps[-1]}"
+    else:
+        hint = (
+            "pass a step_NNNNNNNN folder saved by accel-tp (it holds custom_checkpoint_0.pkl and "
+            f"{MODEL_TAG}/mp_rank_00_model_states.pt)"
+        )
+    return ConfigError(f"--checkpoint: {str(path)!r} is not an accel-tp checkpoint; {hint}.")
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Check that `path` is one complete accel-tp checkpoint; its TP size, dtype and train state."""
+    if "://" in str(path):
+        raise ConfigError(
+            f"--checkpoint: {str(path)!r} is remote; export reads a local folder. Copy the checkpoint "
+            "down first (e.g. ray.train.Checkpoint(path).to_directory(), aws s3 sync, gsutil rsync)."
+        )
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"--checkpoint: no folder {str(p)!r}.")
+    if p.name.startswith(".tmp-"):
+        raise ConfigError(
+            f"--checkpoint: {str(p)!r} is an unfinished save (a .tmp- folder becomes step_N only once "
+            "complete); pass a step_NNNNNNNN folder."
+        )
+    state = peek_train_state(p)
+    rank0 = p / MODEL_TAG / "mp_rank_00_model_states.pt"
+    if state is None or not rank0.is_file():
+        raise _not_a_checkpoint(p)
+    # Metadata only: mmap reads no tensor data, weights_only unpickles nothing but tensors and
+    # plain containers.
+    try:
+        meta = torch.load(rank0, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, or not a DeepSpeed model file
+        raise ConfigError(
+            f"--checkpoint: cannot read {str(rank0)!r} ({e}); pass a complete checkpoint."
+        ) from e
+    ds = meta.get("ds_config") or {}
+    tp = int((ds.get("tensor_parallel") or {}).get("autotp_size") or meta.get("mp_world_size") or 1)
+    del meta
+    missing = [
+        f"{MODEL_TAG}/mp_rank_{r:02d}_model_states.pt"
+        for r in range(tp)
+        if not (p / MODEL_TAG / f"mp_rank_{r:02d}_model_states.pt").is_file()
+    ]
+    if missing:
+        raise ConfigError(
+            f"--checkpoint: {str(p)!r} is incomplete: it was saved with tp_size {tp} but lacks {missing}. "
+            "Pass a complete checkpoint (for Ray runs, the step folder under <storage_path>/<run name>)."
+        )
+    if (ds.get("bf16") or {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif (ds.get("fp16") or {}).get("enabled"):
+        dtype = torch.float16
+    else:
+        dtype = torch.float32
+    registered = ray_registered(p.parent)
+    if registered is not None and p.resolve() not in {c.resolve() for c in registered}:
+        latest = f"; the latest it registered is {registered[-1]}" if registered else ""
+        raise ConfigError(
+            f"--checkpoint: Ray never registered {str(p)!r} as a checkpoint of its run (a save that a "
+            f"crash cut short, or one Ray is still collecting){latest}. Pass a registered one."
+        )
+    recorded = p / RUN_CONFIG_FILE
+    return CheckpointInfo(p, tp, dtype, state, recorded if recorded.is_file() else None)
+
+
+def _check_out_dir(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    out_r, ck_r = out.resolve(), checkpoint.resolve()
+    if ck_r.is_relative_to(out_r) or out_r.is_relative_to(ck_r):
+        raise ConfigError(
+            f"--out: {str(out)!r} overlaps the checkpoint {str(checkpoint)!r}; pick a folder outside it."
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {str(out)!r} is a file; pick a folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"--out: {str(out)!r} exists and is not empty; pick a new folder, or pass --overwrite to "
+            "replace its contents."
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export_worker(
+    rank: int,
+    world: int,
+    port: int,
+    cfg: Config,
+    vocab_size: int,
+    ckpt: str,
+    out: str,
+    load_dtype: str,
+    out_dtype: str,
+) -> None:
+    """One TP rank of the export (spawned). Runs on CPU with gloo, also on a GPU machine."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        ACCELERATE_USE_DEEPSPEED="true",
+        DS_ACCELERATOR="cpu",  # read when deepspeed is imported, i.e. below
+        CUDA_VISIBLE_DEVICES="",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    _quiet()
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from .model import model_config
+    from .parallel import make_deepspeed_plugin
+
+    ds_config = {
+        # dp = 1: the batch keys are bookkeeping only (nothing trains).
+        "train_batch_size": world,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        # No ZeRO and no optimizer: only the module weights are loaded. The gather flag lets
+        # accelerator.get_state_dict consolidate the AutoTP shards.
+        "zero_optimization": {"stage": 0, "gather_16bit_weights_on_model_save": True},
+        "tensor_parallel": {"autotp_size": world},
+        "steps_per_print": 10**9,
+    }
+    accelerator = Accelerator(
+        deepspeed_plugin=make_deepspeed_plugin(ds_config),
+        # No mixed precision: DeepSpeed then keeps the module in the dtype it is built in (below).
+        mixed_precision="no",
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+    )
+    mconf = model_config(cfg.model, vocab_size)
+    # No forward pass runs here, and flex / flash attention need a GPU (config.json does not record it).
+    attn = cfg.model.attn_implementation
+    mconf._attn_implementation = attn if attn in ("sdpa", "eager") else "sdpa"
+    # Built in the checkpoint's dtype, so its weights load as they are (and bf16 takes half the
+    # memory). Every weight is overwritten by the checkpoint (strict load): skip the random init.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(
+            mconf, dtype=_DTYPES[load_dtype], trust_remote_code=cfg.model.trust_remote_code
+        )
+    engine = accelerator.prepare(model)
+    loaded, _ = engine.load_checkpoint(
+        ckpt,
+        tag=MODEL_TAG,
+        load_module_only=True,
+        load_optimizer_states=False,
+        load_lr_scheduler_states=False,
+    )
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load {ckpt}/{MODEL_TAG}")
+    engine.eval()
+    export_hf(accelerator, engine, None, out, dtype=_DTYPES[out_dtype])
+    accelerator.end_training()
+
+
+def _quiet() -> None:
+    if os.environ.get("ACCEL_TP_VERBOSE"):
+        return
+    import logging
+    import warnings
+
+    for name in ("accelerate", "DeepSpeed", "deepspeed", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+    dtype: str = "auto",
+) -> Path:
+    """Write a consolidated Hugging Face model (safetensors, config.json, tokenizer) from a checkpoint.
+
+    The model and tokenizer come from `config` (the run's YAML; `overrides` are its `--set` values)
+    or, without it, from the run config the checkpoint records. `dtype` "auto" keeps the training
+    precision. The export is written under a temporary name and renamed when complete.
+    """
+    info = inspect_checkpoint(checkpoint)
+    out = Path(out_dir).expanduser()
+    _check_out_dir(out, info.path, overwrite)
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not one of {['auto', *_DTYPES]}.")
+    if config is not None:
+        cfg = load_config(config, overrides)
+    elif info.run_config is not None:
+        cfg = load_config(info.run_config, overrides)
+    else:
+        raise ConfigError(
+            f"--config: {str(info.path)!r} does not record its run config ({RUN_CONFIG_FILE}); pass the "
+            "run's YAML with --config, and the --set overrides it was trained with."
+        )
+    from .model import load_tokenizer, model_config
+    from .trainer import model_fingerprint
+
+    tokenizer = load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
+    mconf = model_config(cfg.model, len(tokenizer))
+    saved, built = info.train_state.get("model"), model_fingerprint(mconf)
+    if saved and saved != built:
+        raise ConfigError(
+            f"--checkpoint: {str(info.path)!r} is a checkpoint of another model ({saved}) than the config "
+            f"builds ({built}); pass the run's own YAML (--config) and its --set overrides (model.*)."
+        )
+    load_dtype = str(info.dtype).removeprefix("torch.")
+
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer.save_pretrained(tmp)
+        import torch.multiprocessing as mp
+
+        mp.start_processes(
+            _export_worker,
+            args=(
+                info.tp_size,
+                _free_port(),
+                cfg,
+                len(tokenizer),
+                str(info.path),
+                str(tmp),
+                load_dtype,
+                load_dtype if dtype == "auto" else dtype,
+            ),
+            nprocs=info.tp_size,
+            join=True,
+            start_method="spawn",
+        )
+        # Replaced only now, so a failed export never leaves a half-written model at `out`.
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/export_hf.py: parse the arguments and run export_checkpoint."""
+    p = argparse.ArgumentParser(
+        description="Write a consolidated Hugging Face model (safetensors, config.json, tokenizer) from an "
+        "accel-tp checkpoint (TP shards and ZeRO partitions; local or Ray run)."
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder, e.g. .../checkpoints/step_00000500"
+    )
+    p.add_argument("--out", required=True, help="folder to write the model to (new or empty)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the run's YAML; default: the config recorded in the checkpoint (accel_tp_config.yaml)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (YAML syntax), as for training; repeatable",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *_DTYPES],
+        help="weights' dtype in the export (auto: the training precision)",
+    )
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(
+            args.checkpoint, args.out, args.config, args.overrides, args.overwrite, args.dtype
+        )
+    except ConfigError as e:
+        print(f"accel-tp: export error: {e}", file=sys.stderr)
+        return 2
+    print(f"[accel-tp] exported {args.checkpoint} -> {out}")
+    return 0

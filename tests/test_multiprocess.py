@@ -313,3 +313,45 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, cache):
     bad_step = int(text.split("FloatingPointError: step ")[1].split(":")[0])
     saved = sorted(p.name for p in (tmp_path / str(ov["run.name"]) / "checkpoints").glob("step_*"))
     assert saved and saved[-1] == f"step_{bad_step - 1:08d}", (bad_step, saved)
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_export_script_from_checkpoint(runs, tmp_path, cache, zero):
+    """scripts/export_hf.py on the step-20 checkpoint of a tp2 x dp2 run (DeepSpeed gathers the TP
+    shards in 2 gloo processes) gives the end-of-training export bit for bit, and the trained
+    model's logits and loss on the same batch."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from accel_tp.checkpoint import write_run_config
+
+    run_dir = runs(2, 2, zero)["dir"]
+    ckpt = run_dir / "checkpoints" / "step_00000020"
+    ov = {**base_overrides(cache, run_dir.parent), **layout(2, 2, zero)}
+    cmd = [sys.executable, str(ROOT / "scripts" / "export_hf.py"), "--checkpoint"]
+    if zero == 1:  # the run's YAML and --set values, as the training run got them
+        extra = [str(ckpt), "--config", str(TINY), *set_args(ov)]
+    else:  # a self-describing checkpoint: the config it records, as the checkpointer writes it
+        ckpt = Path(shutil.copytree(ckpt, tmp_path / "ckpt"))
+        write_run_config(ckpt, load_config(TINY, [f"{k}={v}" for k, v in ov.items()]).to_dict())
+        extra = [str(ckpt)]
+    out = tmp_path / "hf"
+    proc = run([*cmd, *extra, "--out", str(out)])
+    assert proc.returncode == 0
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    at_end = run_dir / "hf"
+    got, want = load_file(out / "model.safetensors"), load_file(at_end / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert (out / "tokenizer.json").read_bytes() == (at_end / "tokenizer.json").read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    check = torch.load(at_end / "export_check.pt")
+    with torch.no_grad():
+        res = model(**check["batch"], use_cache=False)
+    assert res.loss.item() == pytest.approx(check["loss"], rel=1e-6)
+    torch.testing.assert_close(res.logits, check["logits"], rtol=1e-5, atol=1e-5)
+    # A second export into the same folder is refused unless asked for.
+    again = run([*cmd, *extra, "--out", str(out)])
+    assert again.returncode == 2 and "--overwrite" in again.stderr

@@ -1,0 +1,132 @@
+"""scripts/export_hf.py's input checks and the run config recorded in checkpoints (single process).
+
+The checkpoints here are hand-made folders with the files the checks look at; every check fails
+before a process is started or a weight is read. The real export (DeepSpeed gathering the TP shards
+of trained tp2 x dp2 runs, ZeRO-1 and ZeRO-2) is tested in tests/test_multiprocess.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from accel_tp.checkpoint import RUN_CONFIG_FILE, LocalCheckpointer, TrainState
+from accel_tp.config import load_config
+from accel_tp.export import inspect_checkpoint, main
+
+from .mp_utils import TINY
+
+TINY_MODEL = "qwen2:4096-128-352-4-4:kv4"  # the fingerprint of TINY's model (default tokenizer)
+
+
+def fake_checkpoint(
+    path: Path, model: str = TINY_MODEL, tp: int = 2, files: int | None = None, bf16: bool = False
+) -> Path:
+    """A folder with what inspect_checkpoint reads: the train state and the rank files' metadata."""
+    (path / "pytorch_model").mkdir(parents=True)
+    torch.save(
+        TrainState(step=4, model=model, layout=f"tp{tp}xdp2").state_dict(), path / "custom_checkpoint_0.pkl"
+    )
+    meta = {
+        "module": {},
+        "mp_world_size": tp,
+        "ds_config": {"tensor_parallel": {"autotp_size": tp}, "bf16": {"enabled": bf16}},
+    }
+    for r in range(tp if files is None else files):
+        torch.save(meta, path / "pytorch_model" / f"mp_rank_{r:02d}_model_states.pt")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def export_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_checkpoint_records_the_run_config(tmp_path):
+    class Acc:  # save_state stand-in: the config file is written by the checkpointer itself
+        is_main_process = True
+
+        def wait_for_everyone(self) -> None:
+            pass
+
+        def save_state(self, path: str) -> None:
+            (Path(path) / "model.bin").write_bytes(b"x")
+
+    cfg = load_config(TINY, ["train.max_steps=70"])
+    out = Path(LocalCheckpointer(Acc(), TrainState(), tmp_path, None, run_config=cfg.to_dict()).save(3, {}))
+    assert load_config(out / RUN_CONFIG_FILE) == cfg
+    # Without a run config the folder holds only what save_state writes (the old behaviour).
+    assert sorted(
+        p.name for p in Path(LocalCheckpointer(Acc(), TrainState(), tmp_path, None).save(4, {})).iterdir()
+    ) == ["model.bin"]
+
+
+def test_inspect_reads_tp_size_and_dtype_without_weights(tmp_path):
+    info = inspect_checkpoint(fake_checkpoint(tmp_path / "step_00000004", tp=4, bf16=True))
+    assert (info.tp_size, info.dtype, info.train_state["step"], info.run_config) == (
+        4,
+        torch.bfloat16,
+        4,
+        None,
+    )
+
+
+def test_not_a_checkpoint_names_the_fix(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = export_error(
+        capsys, ["--checkpoint", str(empty), "--out", str(tmp_path / "o"), "--config", str(TINY)]
+    )
+    assert "is not an accel-tp checkpoint" in err and "step_NNNNNNNN" in err
+    # A run folder: the error names its newest checkpoint.
+    run = tmp_path / "run"
+    for step in (10, 20):
+        fake_checkpoint(run / "checkpoints" / f"step_{step:08d}")
+    err = export_error(capsys, ["--checkpoint", str(run), "--out", str(tmp_path / "o")])
+    assert f"--checkpoint {run / 'checkpoints' / 'step_00000020'}" in err
+    # An unfinished local save, and a checkpoint missing a TP rank's file.
+    tmp = fake_checkpoint(tmp_path / ".tmp-step_00000030")
+    assert "unfinished save" in export_error(capsys, ["--checkpoint", str(tmp), "--out", str(tmp_path / "o")])
+    part = fake_checkpoint(tmp_path / "step_00000040", files=1)
+    err = export_error(capsys, ["--checkpoint", str(part), "--out", str(tmp_path / "o")])
+    assert "incomplete" in err and "mp_rank_01_model_states.pt" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_dir_not_empty_needs_overwrite(tmp_path, capsys):
+    ckpt = fake_checkpoint(tmp_path / "step_00000004")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", str(out), "--config", str(TINY)])
+    assert "exists and is not empty" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite never reaches into the checkpoint itself.
+    err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", str(tmp_path), "--overwrite"])
+    assert "overlaps the checkpoint" in err
+
+
+def test_missing_config_and_other_model(tmp_path, capsys, cache):
+    ckpt = fake_checkpoint(tmp_path / "step_00000004", model="qwen2:151936-896-4864-24-14:kv2")
+    out = str(tmp_path / "hf")
+    err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", out])
+    assert "does not record its run config" in err and "--config" in err
+    err = export_error(
+        capsys,
+        ["--checkpoint", str(ckpt), "--out", out, "--config", str(TINY), "--set", f"data.cache_dir={cache}"],
+    )
+    assert "checkpoint of another model (qwen2:151936-896-4864-24-14:kv2)" in err and TINY_MODEL in err
+    # The config the checkpoint records is used without --config, and --set applies to it.
+    (ckpt / RUN_CONFIG_FILE).write_text(load_config(TINY, [f"data.cache_dir={cache}"]).to_yaml())
+    err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", out])
+    assert "checkpoint of another model" in err
+    err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", out, "--set", "train.learning_rat=1"])
+    assert "Did you mean 'learning_rate'" in err
+    assert not Path(out).exists()
