@@ -359,14 +359,53 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
             arms.append(_spec("tutorial", "reference", args, base + shape_sets + tut, shape, 512))
         for seq in seqs:
             seq_sets = [f"data.seq_length={seq}"] if seq else []
+            cfg = load_config(args.config, base + shape_sets + seq_sets)
+            mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+            tokens = _per_shape(args.micro_batch_tokens, shape)
+            if tokens:
+                mb = max(1, tokens // cfg.data.seq_length)
+                seq_sets.append(f"train.micro_batch_size={mb}")
             sets = base + shape_sets + seq_sets
             if not args.no_reference:
-                arms.append(_spec("reference", "reference", args, sets, shape, seq))
+                ref_sets = sets + list(args.reference_set)
+                ref_tokens = _per_shape(args.reference_micro_batch_tokens, shape)
+                if ref_tokens:
+                    # The same global batch in smaller micro-batches where the reference (which
+                    # materialises the logits) cannot fit accel-tp's.
+                    cap = max(1, ref_tokens // cfg.data.seq_length)
+                    ref_mb = max(d for d in range(1, mb * ga + 1) if (mb * ga) % d == 0 and d <= cap)
+                    ref_sets += [
+                        f"train.micro_batch_size={ref_mb}",
+                        f"train.grad_accum_steps={mb * ga // ref_mb}",
+                    ]
+                arms.append(_spec("reference", "reference", args, ref_sets, shape, seq))
             for name, extra in variants:
                 arms.append(_spec(name, "accel", args, sets + extra, shape, seq))
     for arm in arms:  # fail here, not in a worker, on a bad override
         load_config(args.config, arm["overrides"])
+    ref = [load_config(args.config, a["overrides"]).train for a in arms if a["name"] == "reference"]
+    acc = [load_config(args.config, a["overrides"]).train for a in arms if a["name"] == "accel"]
+    if (
+        ref
+        and acc
+        and ref[0].micro_batch_size * ref[0].grad_accum_steps
+        != acc[0].micro_batch_size * acc[0].grad_accum_steps
+    ):
+        raise SystemExit(
+            "--reference-set: the reference must see the same global batch (micro x accum) as accel."
+        )
     return arms
+
+
+def _per_shape(spec: str | None, shape: str | None) -> int | None:
+    """'N' for every shape, or 'shape=N,shape=N' ('*=N' as the fallback)."""
+    if not spec:
+        return None
+    if "=" not in spec:
+        return int(spec)
+    table = dict(item.split("=", 1) for item in spec.split(","))
+    value = table.get(shape or "*", table.get("*"))
+    return int(value) if value else None
 
 
 def _spec(name: str, kind: str, args: argparse.Namespace, sets: list[str], shape, seq) -> dict[str, Any]:
@@ -451,6 +490,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--tutorial", action="store_true", help="add the tutorial's setting (mb 1, padded to 512)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    p.add_argument(
+        "--reference-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override for the reference arm only, e.g. train.micro_batch_size=8 with "
+        "train.grad_accum_steps=2 where the reference cannot fit accel-tp's micro-batch (keep mb x ga equal)",
+    )
+    p.add_argument(
+        "--micro-batch-tokens",
+        default=None,
+        metavar="N | SHAPE=N,...",
+        help="micro-batch size = N // seq for each sequence length (per shape: qwen2.5-0.5b=49152,*=16384)",
+    )
+    p.add_argument(
+        "--reference-micro-batch-tokens",
+        default=None,
+        metavar="N | SHAPE=N,...",
+        help="cap the reference's micro-batch at N tokens, keeping the global batch by accumulation",
+    )
     p.add_argument("--no-accel", action="store_true", help="only the --variant arms, not the YAML as it is")
     p.add_argument("--corpus", choices=["config", "wikitext-like"], default="config")
     p.add_argument("--docs", type=int, default=20000, help="documents in the wikitext-like mix")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -205,6 +206,25 @@ class LocalCheckpointer:
         return self.state.step
 
 
+# Test hook (tests/test_multiprocess.py only): ACCEL_TP_TEST_HANG_IN_SAVE=<step>:<rank>:<marker file>
+# makes that rank stop in that step's Ray save, after writing its files and before reporting them,
+# so a test can kill it mid-checkpoint. It writes its pid to the marker first, and passes through
+# once the marker exists (the restarted run).
+_TEST_HANG_ENV = "ACCEL_TP_TEST_HANG_IN_SAVE"
+
+
+def _test_hook_hang_in_save(step: int, rank: int) -> None:
+    spec = os.environ.get(_TEST_HANG_ENV)
+    if not spec:
+        return
+    at_step, at_rank, marker = spec.split(":", 2)
+    if (int(at_step), int(at_rank)) != (step, rank) or os.path.exists(marker):
+        return
+    Path(f"{marker}.tmp").write_text(str(os.getpid()))
+    os.replace(f"{marker}.tmp", marker)  # the test never reads a half-written pid
+    time.sleep(600)
+
+
 class RayCheckpointer:
     """Ray runs: save into a local temp folder and report it; resume from Ray's latest checkpoint."""
 
@@ -220,6 +240,7 @@ class RayCheckpointer:
             if self.accelerator.is_main_process:
                 write_run_config(tmp, self.run_config)  # one copy; Ray merges the workers' files
             self.accelerator.save_state(tmp)
+            _test_hook_hang_in_save(step, self.accelerator.process_index)
             self.accelerator.wait_for_everyone()
             # Every worker reports its own files (its DeepSpeed shards); Ray merges them into one
             # checkpoint folder and only registers it once all workers have uploaded.

@@ -24,7 +24,7 @@ _SHAPES: dict[str, dict[str, Any]] = {
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=1024,
+        max_position_embeddings=4096,
         tie_word_embeddings=False,
         rope_theta=10000.0,
     ),

@@ -133,6 +133,8 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
+    # Before CUDA initialises (Ray workers get it from the runtime env, see launch.run_ray).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device_type, bf16_ok = _device_info()
     if device_type == "cpu" and cfg.model.attn_implementation in ("flex_attention", "flash_attention_2"):
         raise ConfigError(
@@ -212,10 +214,13 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     model = build_model(cfg.model, mconf, cfg.run.seed)
     if cfg.model.liger_kernel:
         # Under AutoTP the lm_head is vocab-sharded; the fused loss would read one shard as the whole.
+        # With model.compile the compiler fuses norms, rotary and SwiGLU itself, and measured faster
+        # than Liger's kernels inside the compiled layers (docs/performance.md); Liger then adds only
+        # the fused linear cross-entropy.
         apply_liger_kernels(
             model,
             fused_linear_cross_entropy=topo.tp_size == 1,
-            layer_kernels=os.environ.get("ACCEL_TP_LIGER_LAYERS", "1") == "1",  # TEMP: bench sweep
+            layer_kernels=not cfg.model.compile,
         )
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

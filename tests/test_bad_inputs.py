@@ -49,9 +49,9 @@ def test_too_many_tp_ranks_for_the_heads():
 
 def test_sequence_longer_than_the_model_allows():
     with pytest.raises(
-        ConfigError, match=r"data.seq_length: 4096 exceeds the model's max_position_embeddings \(1024\)"
+        ConfigError, match=r"data.seq_length: 8192 exceeds the model's max_position_embeddings \(4096\)"
     ):
-        preflight(cfg_with(data={"seq_length": 4096}), world_size=4)
+        preflight(cfg_with(data={"seq_length": 8192}), world_size=4)
 
 
 def test_missing_and_empty_datasets(tmp_path, default_tokenizer):
@@ -149,3 +149,16 @@ def test_not_a_checkpoint(tmp_path):
     assert peek_train_state(tmp_path / "x") is None
     with pytest.raises(ValueError, match="not an accel-tp checkpoint"):
         check_resume(None, TrainState(), "checkpoint.resume_from")
+
+
+def test_gpu_only_kernels_refused_on_cpu():
+    with pytest.raises(ConfigError, match="model.liger_kernel: .*GPU"):
+        preflight(cfg_with(model={"liger_kernel": True}, ray={"device": "cpu"}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+def test_liger_refused_by_a_cpu_worker_before_anything_is_built():
+    from accel_tp.trainer import setup
+
+    with pytest.raises(ConfigError, match="model.liger_kernel: .*GPU"):
+        setup(cfg_with(model={"liger_kernel": True}), under_ray=False)

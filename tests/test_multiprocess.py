@@ -355,3 +355,80 @@ def test_export_script_from_checkpoint(runs, tmp_path, cache, zero):
     # A second export into the same folder is refused unless asked for.
     again = run([*cmd, *extra, "--out", str(out)])
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_ray_kill_mid_checkpoint_resumes_from_previous(runs, tmp_path, cache):
+    """SIGKILL a Ray worker in the middle of the step-10 save (its files written, not yet reported):
+    nothing of that save is registered or visible, Ray restarts the group from the step-5
+    checkpoint, and the run ends with the losses of an uninterrupted run. Then scripts/export_hf.py
+    on the Ray checkpoint gives the run's own end-of-training export bit for bit.
+
+    tp2 x dp1 (2 workers, half the start-up time of 4 on 2 cores) and the same global batch as the
+    tp2 x dp2 run it is compared with, so the losses agree to float rounding (RTOL), and the
+    restarted group recomputes steps 6-10 bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from accel_tp.export import ray_registered
+
+    from .mp_utils import _env
+
+    ov = {
+        **base_overrides(cache, tmp_path),
+        **layout(2, 1),
+        "ray.storage_path": str(tmp_path / "ray"),
+        "ray.max_failures": 1,
+        "checkpoint.every_steps": 5,  # saving does not change the losses; a restart at 5 is cheaper
+    }
+    run_dir = tmp_path / "ray" / str(ov["run.name"])
+    marker = tmp_path / "hanging.pid"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY), *set_args(ov)]
+    env = {
+        **_env(),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # as in test_ray_survives_a_killed_worker
+        # Rank 1 stops inside the step-10 save, after writing its files, before reporting them.
+        "ACCEL_TP_TEST_HANG_IN_SAVE": f"10:1:{marker}",
+    }
+    log = open(tmp_path / "ray.log", "w")  # noqa: SIM115 - the child writes it until it exits
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    before_kill = None
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+        if before_kill is None and marker.exists():
+            # Mid-save: the other worker waits for rank 1, so nothing of step 10 reached storage.
+            assert not (run_dir / "step_00000010").exists()
+            before_kill = read_metrics(run_dir / "metrics.jsonl")
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+    proc.wait(timeout=max(1, deadline - time.time()))
+    log.close()
+    text = (tmp_path / "ray.log").read_text()
+    assert proc.returncode == 0, text[-5000:]
+    assert before_kill is not None, "no worker reached the step-10 save"
+    assert "steps=5->20" in text, "the restarted group must resume from the step-5 checkpoint"
+    after = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in before_kill] == list(range(1, 11))
+    # Steps 6-10, recomputed from the step-5 checkpoint, repeat the first attempt bit for bit.
+    same = ("step", "loss", "grad_norm", "tokens_seen", "lr")
+    assert [[m[k] for k in same] for m in after[:10]] == [[m[k] for k in same] for m in before_kill]
+    assert_close(losses(after), losses(runs(2, 2)["metrics"]))
+    assert [p.name for p in ray_registered(run_dir)] == [f"step_{s:08d}" for s in (5, 10, 15, 20)]
+
+    # Export from a Ray checkpoint folder: the end-of-training export of the same run, bit for bit.
+    out = tmp_path / "hf-from-checkpoint"
+    export = [sys.executable, str(ROOT / "scripts" / "export_hf.py")]
+    ckpt = ["--checkpoint", str(run_dir / "step_00000020"), "--config", str(TINY), *set_args(ov)]
+    assert run([*export, *ckpt, "--out", str(out)]).returncode == 0
+    got, want = load_file(out / "model.safetensors"), load_file(run_dir / "hf" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    check = torch.load(run_dir / "hf" / "export_check.pt")
+    with torch.no_grad():
+        res = model(**check["batch"], use_cache=False)
+    torch.testing.assert_close(res.logits, check["logits"], rtol=1e-5, atol=1e-5)

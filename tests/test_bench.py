@@ -1,0 +1,84 @@
+"""scripts/bench.py: arm construction (unit) and a CPU smoke run of the real thing (timings are
+never asserted: only that every arm ran and the report is complete)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from accel_tp import bench
+from accel_tp.config import load_config
+
+from .mp_utils import ROOT, TINY
+
+
+def _arms(tmp_path, *argv: str) -> list[dict]:
+    args = bench.parse_args(["--config", str(TINY), "--set", "parallelism.tp_size=1", *argv])
+    return bench.build_arms(args, tmp_path)
+
+
+def test_arms_share_batches_and_the_reference_keeps_the_global_batch(tmp_path):
+    arms = _arms(
+        tmp_path,
+        "--seq", "256,1024",
+        "--micro-batch-tokens", "4096",
+        "--reference-micro-batch-tokens", "1024",
+        "--tutorial",
+        "--variant", "compiled:model.compile=true",
+    )  # fmt: skip
+    cfgs = {(a["name"], a["group"][1]): load_config(TINY, a["overrides"]) for a in arms}
+    assert [a["name"] for a in arms] == ["tutorial"] + ["reference", "accel", "compiled"] * 2
+    for seq in (256, 1024):
+        acc, ref = cfgs[("accel", seq)], cfgs[("reference", seq)]
+        assert acc.train.micro_batch_size == 4096 // seq
+        assert ref.data.seq_length == acc.data.seq_length == seq
+        assert ref.train.micro_batch_size <= 1024 // seq
+        assert (
+            ref.train.micro_batch_size * ref.train.grad_accum_steps
+            == acc.train.micro_batch_size * acc.train.grad_accum_steps
+        )
+        assert cfgs[("compiled", seq)].model.compile
+    tut = cfgs[("tutorial", 512)]
+    assert (tut.train.micro_batch_size, tut.data.packing, tut.data.padding) == (1, "none", "max_length")
+    assert all(c.checkpoint.at_end is False and c.train.log_with == [] for c in cfgs.values())
+
+
+def test_per_shape_values():
+    assert bench._per_shape("4096", "tiny") == 4096
+    assert bench._per_shape("tiny=10,*=20", "tiny") == 10
+    assert bench._per_shape("tiny=10,*=20", "qwen2.5-0.5b") == 20
+    assert bench._per_shape("tiny=10", "qwen2.5-0.5b") is None
+    assert bench._per_shape(None, "tiny") is None
+
+
+def test_bad_variant_fails_before_any_arm_runs(tmp_path):
+    with pytest.raises(Exception, match="train.micro_batch: unknown key"):
+        _arms(tmp_path, "--variant", "typo:train.micro_batch=4")
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(TINY),
+        "--set", "parallelism.tp_size=1", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+        "--seq", "128", "--steps", "2", "--warmup", "1", "--tutorial", "--json", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"tutorial", "reference", "accel"}
+    for r in rows.values():
+        assert "error" not in r
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and 0 < r["real_fraction"] <= 1
+        assert r["mfu"] is None  # no GPU peak on CPU
+    assert rows["accel"]["x_reference"] == pytest.approx(
+        rows["accel"]["tokens_per_s"] / rows["reference"]["tokens_per_s"]
+    )
+    assert rows["tutorial"]["real_fraction"] < rows["accel"]["real_fraction"]
+    assert "| tiny | 128 | accel |" in proc.stdout
+    assert report["versions"]["torch"] and report["flops_per_token"]
