@@ -399,18 +399,24 @@ def test_ray_kill_mid_checkpoint_resumes_from_previous(runs, tmp_path, cache):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     before_kill = None
     deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-        if before_kill is None and marker.exists():
-            # Mid-save: the other worker waits for rank 1, so nothing of step 10 reached storage.
-            assert not (run_dir / "step_00000010").exists()
-            before_kill = read_metrics(run_dir / "metrics.jsonl")
-            os.kill(int(marker.read_text()), signal.SIGKILL)
-    proc.wait(timeout=max(1, deadline - time.time()))
-    log.close()
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+            if before_kill is None and marker.exists():
+                # Mid-save: the other worker waits for rank 1, so nothing of step 10 is in storage.
+                visible_mid_save = (run_dir / "step_00000010").exists()
+                before_kill = read_metrics(run_dir / "metrics.jsonl")
+                os.kill(int(marker.read_text()), signal.SIGKILL)
+        proc.wait(timeout=max(1, deadline - time.time()))
+    finally:
+        if proc.poll() is None:  # never leave a driver (and its hanging worker) behind
+            proc.terminate()
+            proc.wait(timeout=60)
+        log.close()
     text = (tmp_path / "ray.log").read_text()
     assert proc.returncode == 0, text[-5000:]
     assert before_kill is not None, "no worker reached the step-10 save"
+    assert not visible_mid_save, "an unfinished save must not appear in the run's storage"
     assert "steps=5->20" in text, "the restarted group must resume from the step-5 checkpoint"
     after = read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in before_kill] == list(range(1, 11))
