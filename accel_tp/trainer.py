@@ -198,7 +198,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         layout=f"tp{topo.tp_size}xdp{topo.dp_size}",
     )
     if under_ray:
-        checkpointer: Checkpointer = RayCheckpointer(accelerator, state)
+        checkpointer: Checkpointer = RayCheckpointer(accelerator, state, run_config=cfg.to_dict())
     else:
         checkpointer = LocalCheckpointer(
             accelerator,
@@ -207,6 +207,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
             cfg.checkpoint.resume_from,
             cfg.checkpoint.keep_last,
             cfg.checkpoint.allow_external_resume,
+            run_config=cfg.to_dict(),
         )
         metrics_path = metrics_path or run_dir / "metrics.jsonl"
     checkpointer.precheck()  # a checkpoint of another model or batch fails here, before the model is built

@@ -46,6 +46,9 @@ def _losses(tmp_path, name: str, extra: dict[str, object]) -> list[float]:
         "train.log_every": 1,
         "train.progress_bar": False,
         "data.eval_fraction": 0,
+        "data.packing": "document",
+        "data.seq_length": 256,
+        "train.micro_batch_size": 4,
         "checkpoint.at_end": False,
         **extra,
     }
@@ -56,8 +59,8 @@ def _losses(tmp_path, name: str, extra: dict[str, object]) -> list[float]:
 
 def test_liger_and_compile_keep_the_losses(tmp_path):
     """Speed levers must not change training: Liger's kernels (with the fused linear cross-entropy
-    and the token-weighted loss divisor) and compiled decoder layers, in fp32, against eager HF
-    over 12 steps. Only the order of float sums differs (fused kernels, chunked loss): measured on
+    and the token-weighted loss divisor), compiled decoder layers and flex attention, in fp32 on
+    document-packed rows, against eager HF with SDPA over 12 steps. Only the order of float sums differs (fused kernels, chunked loss): measured on
     an H100 the worst step differs by < 1e-5 relative; we assert 1e-4, while a wrong loss divisor
     or a dropped kernel input moves the loss by > 1e-2."""
     eager = _losses(tmp_path, "eager", {})
@@ -65,6 +68,12 @@ def test_liger_and_compile_keep_the_losses(tmp_path):
         "liger": {"model.liger_kernel": True},
         "liger-compile": {"model.liger_kernel": True, "model.compile": True},
         "compile": {"model.compile": True},
+        # The GPU YAML's combination: flex attention's document masks instead of SDPA's.
+        "flex-liger-compile": {
+            "model.attn_implementation": "flex_attention",
+            "model.liger_kernel": True,
+            "model.compile": True,
+        },
     }.items():
         got = _losses(tmp_path, name, extra)
         worst = max(abs(g - w) / abs(w) for g, w in zip(got, eager, strict=True))
