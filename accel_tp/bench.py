@@ -189,8 +189,9 @@ def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dic
         "peak_flops": rt.peak_flops,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "topo": rt.topo,
+        # Ends the process group: only after worker_main's cross-rank sums.
+        "cleanup": rt.accelerator.end_training,
     }
-    rt.accelerator.end_training()
     return timing, info
 
 
@@ -204,6 +205,9 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
     arm = _reference_arm if spec["kind"] == "reference" else _accel_arm
     timing, info = arm(cfg, spec["warmup"], spec["steps"])
     topo = info.pop("topo")
+    import torch.distributed as dist
+
+    assert topo.world_size == 1 or dist.is_initialized(), "per-rank counts must be summed over the world"
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_available()
@@ -247,6 +251,8 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
     }
     if topo.rank == 0:
         print(_RESULT + json.dumps(row), flush=True)
+    if "cleanup" in info:
+        info["cleanup"]()
     return row
 
 

@@ -60,11 +60,11 @@ def test_bad_variant_fails_before_any_arm_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_smoke_run(tmp_path):
+def test_cpu_smoke_run_tp2(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
-        sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(TINY),
-        "--set", "parallelism.tp_size=1", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+        sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(TINY), "--nproc", "2",
+        "--set", f"data.cache_dir={tmp_path / 'cache'}",
         "--seq", "128", "--steps", "2", "--warmup", "1", "--tutorial", "--json", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -80,5 +80,10 @@ def test_cpu_smoke_run(tmp_path):
         rows["accel"]["tokens_per_s"] / rows["reference"]["tokens_per_s"]
     )
     assert rows["tutorial"]["real_fraction"] < rows["accel"]["real_fraction"]
+    # tp=2 on 2 processes: both arms see the same batches, so the same real tokens per step (a
+    # per-rank count not summed over the world, or summed twice, would break this).
+    per_step = {n: r["tokens_per_s"] * r["step_ms"] / 1e3 for n, r in rows.items()}
+    assert per_step["accel"] == pytest.approx(per_step["reference"], rel=1e-9)
+    assert rows["accel"]["tp"] == 2 and rows["accel"]["dp"] == 1
     assert "| tiny | 128 | accel |" in proc.stdout
     assert report["versions"]["torch"] and report["flops_per_token"]
