@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -227,6 +228,7 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         "shape": cfg.model.architecture or cfg.model.name_or_path,
         "seq": cfg.data.seq_length,
         "packing": cfg.data.packing,
+        "attn_implementation": cfg.model.attn_implementation,
         "padding": cfg.data.padding,
         "micro_batch": cfg.train.micro_batch_size,
         "grad_accum": cfg.train.grad_accum_steps,
@@ -268,9 +270,14 @@ def _free_port() -> int:
 
 def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
     """One arm in a fresh process tree; a failure becomes a row with its error, not a crash."""
+    from .launch import ALLOC_DEFAULT
+
     port = _free_port()
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Every arm gets the allocator setting accel-tp gives its own runs (or the user's, if set).
+    if "PYTORCH_ALLOC_CONF" not in env and "PYTORCH_CUDA_ALLOC_CONF" not in env:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_DEFAULT
     payload = ["-m", "accel_tp.bench", "--worker", json.dumps(spec)]
     if nproc == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -286,14 +293,25 @@ def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
             *payload,
         ]
     t0 = time.perf_counter()
+    # A session of its own, so a timed-out arm's whole tree (torchrun starts its workers in new
+    # sessions and stops them on SIGTERM) can be stopped before the next arm is measured.
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        out, err, rc = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (
-            e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        ) + f"\ntimeout {timeout}s"
+        out, err = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        out, err = proc.communicate()
+        err += f"\ntimeout {timeout}s"
         rc = -1
     wall = time.perf_counter() - t0
     for line in out.splitlines():
@@ -362,6 +380,7 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
                 "train.micro_batch_size=1",
                 "train.grad_accum_steps=1",
             ]
+            tut.append("model.attn_implementation=sdpa")
             arms.append(_spec("tutorial", "reference", args, base + shape_sets + tut, shape, 512))
         for seq in seqs:
             seq_sets = [f"data.seq_length={seq}"] if seq else []
@@ -373,7 +392,9 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
                 seq_sets.append(f"train.micro_batch_size={mb}")
             sets = base + shape_sets + seq_sets
             if not args.no_reference:
-                ref_sets = sets + list(args.reference_set)
+                # The tutorial's loop uses Transformers' default attention (SDPA), whatever the YAML
+                # gives accel-tp; --reference-set can change it.
+                ref_sets = sets + ["model.attn_implementation=sdpa"] + list(args.reference_set)
                 ref_tokens = _per_shape(args.reference_micro_batch_tokens, shape)
                 if ref_tokens:
                     # The same global batch in smaller micro-batches where the reference (which
@@ -435,8 +456,14 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         same = [r for r in rows if "error" not in r and r.get("shape") == row["shape"]]
         ref = next((r for r in same if r["name"] == "reference" and r["seq"] == row["seq"]), None)
         tut = next((r for r in same if r["name"] == "tutorial"), None)
-        row["x_reference"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        # Only against a reference with the same global batch (sequences per optimizer step).
+        same_batch = ref is not None and _global_batch(ref) == _global_batch(row)
+        row["x_reference"] = row["tokens_per_s"] / ref["tokens_per_s"] if same_batch else None
         row["x_tutorial"] = row["tokens_per_s"] / tut["tokens_per_s"] if tut else None
+
+
+def _global_batch(row: dict[str, Any]) -> int:
+    return row["micro_batch"] * row["grad_accum"] * row["dp"]
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -534,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "versions": _versions(),
         "flops_per_token": "6 * params + 12 * layers * hidden * seq",
+        "allocator": {
+            n: os.environ.get(n) for n in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF") if n in os.environ
+        }
+        or {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True (accel-tp's default, every arm)"},
         "rows": [],
     }
     for i, spec in enumerate(arms):

@@ -230,6 +230,9 @@ class TrainSection:
     log_every: int = 1
     # Evaluate on the held-out data every N optimizer steps (0: only at the end) when data has one.
     eval_every: int = 0
+    # Rows per evaluation micro-batch; None: micro_batch_size. Evaluation builds the full logits
+    # (Liger's fused loss only runs in training), so with a large vocabulary keep this small.
+    eval_micro_batch_size: int | None = None
     # Accelerate trackers: tensorboard, wandb, mlflow, ...; None: tensorboard when installed.
     # Their files land in the run's output folder.
     log_with: list[str] | None = None
@@ -239,6 +242,10 @@ class TrainSection:
         for name in ("micro_batch_size", "grad_accum_steps", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}.")
+        if self.eval_micro_batch_size is not None and self.eval_micro_batch_size < 1:
+            raise ConfigError(
+                f"train.eval_micro_batch_size: must be >= 1 or null (micro_batch_size), got {self.eval_micro_batch_size}."
+            )
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every: must be >= 0 (0: only at the end), got {self.eval_every}.")
         if self.max_steps is not None and self.max_steps < 1:
@@ -318,6 +325,13 @@ class Config:
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.model.liger_kernel and self.model.compile and self.parallelism.tp_size > 1:
+            # At tp > 1 the fused loss is left out (vocab-sharded lm_head) and with compile the
+            # layer kernels are too: Liger would silently do nothing.
+            raise ConfigError(
+                "model.liger_kernel: with model.compile and parallelism.tp_size > 1 no Liger kernel applies "
+                "(the fused loss needs a whole lm_head, compile replaces the layer kernels); set it false."
+            )
         if self.deepspeed.zero_stage == 3:
             # DeepSpeed >= 0.19.4 accepts ZeRO-3 (also with AutoTP), but measured here (DeepSpeed
             # 0.19.8 through Accelerate 1.15, fp32, CPU) the first loss already differs from the

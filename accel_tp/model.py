@@ -139,11 +139,18 @@ def apply_liger_kernels(model: Any, fused_linear_cross_entropy: bool, layer_kern
     """
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:
         raise ConfigError(
             f"model.liger_kernel: liger-kernel is not importable ({e}); pip install liger-kernel "
             "(needs a GPU and triton) or set model.liger_kernel: false."
         ) from e
+    # Liger only logs (at info level) for a model type it does not know; refuse instead.
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ConfigError(
+            f"model.liger_kernel: Liger has no kernels for model type {model_type!r}; set it false."
+        )
     _apply_liger_kernel_to_instance(
         model=model,
         fused_linear_cross_entropy=fused_linear_cross_entropy,

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from .checkpoint import Checkpointer, LocalCheckpointer, RayCheckpointer, TrainState
 from .config import Config, ConfigError
 from .data import ShardedLoader, eval_batches, load_or_build_tokenized, prepare_dataloader
+from .launch import set_allocator_default
 from .model import apply_liger_kernels, build_model, compile_decoder_layers, load_tokenizer, model_config
 from .parallel import (
     Topology,
@@ -134,7 +135,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     # Before CUDA initialises (Ray workers get it from the runtime env, see launch.run_ray).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    set_allocator_default()
     device_type, bf16_ok = _device_info()
     if device_type == "cpu" and cfg.model.attn_implementation in ("flex_attention", "flash_attention_2"):
         raise ConfigError(
@@ -190,7 +191,8 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     eval_ds = load_or_build_tokenized(cfg.data, tokenizer, local_main, accelerator.wait_for_everyone, "eval")
     eval_data = None
     if eval_ds is not None:
-        eval_data = eval_batches(eval_ds, topo, cfg.train.micro_batch_size, tokenizer.pad_token_id, cfg.data)
+        eval_mb = cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size
+        eval_data = eval_batches(eval_ds, topo, eval_mb, tokenizer.pad_token_id, cfg.data)
 
     state = TrainState(
         global_batch_size=global_batch_size(cfg, topo),
@@ -225,6 +227,11 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         )
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    levers = []
+    if cfg.model.liger_kernel:
+        kernels = ["fused linear cross-entropy"] if topo.tp_size == 1 else []
+        kernels += [] if cfg.model.compile else ["RMSNorm", "RoPE", "SwiGLU"]
+        levers.append(f"Liger ({', '.join(kernels)})")
     n_params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(mconf, n_params, cfg.data.seq_length)
     tr = cfg.train
@@ -238,13 +245,18 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.model.compile:
         # After prepare: AutoTP has swapped in its sharded linears, which the compiled graphs include.
-        compile_decoder_layers(model.module)
+        levers.append(f"compiled {compile_decoder_layers(model.module)} decoder layers")
+    if levers and accelerator.is_main_process:
+        print(f"[accel-tp] speed levers: {'; '.join(levers)}", flush=True)
     # Built on the prepared optimizer (DeepSpeed's ZeRO optimizer owns the param groups that step)
     # and checkpointed as a registered object: under DeepSpeed, Accelerate neither wraps nor saves
     # a scheduler prepared on its own.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
     accelerator.register_for_checkpointing(state, scheduler)
+    # from_pretrained leaves the model in eval mode (no dropout, and Liger's fused loss only runs
+    # in training mode); train_step must always see training mode.
+    model.train()
     return Runtime(
         cfg=cfg,
         topo=topo,
@@ -491,7 +503,9 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     if cfg.checkpoint.export_hf and rt.metrics_path is not None:
         from .export import export_hf
 
-        probe = next(iter(rt.loader.loader))  # a training batch, to check the export against
+        # One row of a training batch to check the export against (a whole micro-batch's fp32
+        # logits can be tens of GiB with a large vocabulary).
+        probe = {k: v[:1] for k, v in next(iter(rt.loader.loader)).items() if not k.startswith("_")}
         exported = export_hf(acc, rt.model, rt.tokenizer, rt.metrics_path.parent / "hf", probe=probe)
     if acc.is_main_process:
         _finish(rt, metrics, time.perf_counter() - t_start, state.tokens - tokens_start, last_ckpt, exported)

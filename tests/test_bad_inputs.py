@@ -162,3 +162,15 @@ def test_liger_refused_by_a_cpu_worker_before_anything_is_built():
 
     with pytest.raises(ConfigError, match="model.liger_kernel: .*GPU"):
         setup(cfg_with(model={"liger_kernel": True}), under_ray=False)
+
+
+def test_liger_that_would_do_nothing_is_refused():
+    with pytest.raises(
+        ConfigError, match="model.liger_kernel: with model.compile and parallelism.tp_size > 1"
+    ):
+        cfg_with(model={"liger_kernel": True, "compile": True})  # tp 2
+
+
+def test_eval_micro_batch_size_range():
+    with pytest.raises(ConfigError, match="train.eval_micro_batch_size: must be >= 1"):
+        cfg_with(train={"eval_micro_batch_size": 0})

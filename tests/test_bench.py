@@ -11,6 +11,9 @@ import pytest
 
 from accel_tp import bench
 from accel_tp.config import load_config
+from accel_tp.data import load_or_build_tokenized, prepare_dataloader
+from accel_tp.model import load_tokenizer
+from accel_tp.parallel import Topology
 
 from .mp_utils import ROOT, TINY
 
@@ -85,5 +88,15 @@ def test_cpu_smoke_run_tp2(tmp_path):
     per_step = {n: r["tokens_per_s"] * r["step_ms"] / 1e3 for n, r in rows.items()}
     assert per_step["accel"] == pytest.approx(per_step["reference"], rel=1e-9)
     assert rows["accel"]["tp"] == 2 and rows["accel"]["dp"] == 1
+    # ... and that count equals one made here, from the same data pipeline (rank 0's batches; the
+    # TP peer holds the same), so a count shared by both arms cannot be off either.
+    cfg = load_config(TINY, rows["accel"]["overrides"])
+    tok = load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
+    ds = load_or_build_tokenized(cfg.data, tok, True, lambda: None)
+    stream = prepare_dataloader(ds, Topology(2, 2), 8, tok.pad_token_id, cfg.data, cfg.run.seed).stream()
+    batches = [next(stream)[1] for _ in range(3)]  # 1 warm-up + 2 timed steps, grad_accum 1
+    assert per_step["accel"] == pytest.approx(sum(int(b["_real_tokens"]) for b in batches[1:]) / 2, rel=1e-9)
+    for r in rows.values():  # the timed steps fit in the arm's wall time
+        assert r["step_ms"] * r["steps"] <= r["wall_s"] * 1e3
     assert "| tiny | 128 | accel |" in proc.stdout
     assert report["versions"]["torch"] and report["flops_per_token"]

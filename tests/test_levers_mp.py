@@ -22,6 +22,7 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path):
     ov.update({"run.name": "compiled", "checkpoint.export_hf": False, "checkpoint.every_steps": 0})
     proc = accelerate_launch(2, ov)
     assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "[accel-tp] speed levers: compiled 4 decoder layers" in proc.stdout  # engaged, not just configured
     got = [m["loss"] for m in read_metrics(tmp_path / "runs" / "compiled" / "metrics.jsonl")]
     ref_ov = {**base_overrides(cache, tmp_path / "ref"), **layout(1, 1)}
     want = reference_losses(load_config(TINY, [f"{k}={v}" for k, v in ref_ov.items()]), GLOBAL_BATCH)[0]
