@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli import add_set_argument
+from .launch import allocator_env
+
 __all__ = ["main", "worker_main", "format_table"]
 
 _RESULT = "BENCH_RESULT "
@@ -199,6 +202,7 @@ def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dic
 def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
     """Run one arm; returns (and rank 0 prints) its result row."""
     import torch
+    import torch.distributed as dist
 
     from .config import load_config
 
@@ -206,8 +210,6 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
     arm = _reference_arm if spec["kind"] == "reference" else _accel_arm
     timing, info = arm(cfg, spec["warmup"], spec["steps"])
     topo = info.pop("topo")
-    import torch.distributed as dist
-
     assert topo.world_size == 1 or dist.is_initialized(), "per-rank counts must be summed over the world"
     device = (
         torch.device("cuda", torch.cuda.current_device())
@@ -270,14 +272,11 @@ def _free_port() -> int:
 
 def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
     """One arm in a fresh process tree; a failure becomes a row with its error, not a crash."""
-    from .launch import ALLOC_DEFAULT
-
     port = _free_port()
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Every arm gets the allocator setting accel-tp gives its own runs (or the user's, if set).
-    if "PYTORCH_ALLOC_CONF" not in env and "PYTORCH_CUDA_ALLOC_CONF" not in env:
-        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_DEFAULT
+    env.update(allocator_env(env))
     payload = ["-m", "accel_tp.bench", "--worker", json.dumps(spec)]
     if nproc == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -379,8 +378,8 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
                 "data.padding=max_length",
                 "train.micro_batch_size=1",
                 "train.grad_accum_steps=1",
+                "model.attn_implementation=sdpa",
             ]
-            tut.append("model.attn_implementation=sdpa")
             arms.append(_spec("tutorial", "reference", args, base + shape_sets + tut, shape, 512))
         for seq in seqs:
             seq_sets = [f"data.seq_length={seq}"] if seq else []
@@ -408,10 +407,10 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
                 arms.append(_spec("reference", "reference", args, ref_sets, shape, seq))
             for name, extra in variants:
                 arms.append(_spec(name, "accel", args, sets + extra, shape, seq))
-    for arm in arms:  # fail here, not in a worker, on a bad override
-        load_config(args.config, arm["overrides"])
-    ref = [load_config(args.config, a["overrides"]).train for a in arms if a["name"] == "reference"]
-    acc = [load_config(args.config, a["overrides"]).train for a in arms if a["name"] == "accel"]
+    # Fail here, not in a worker, on a bad override.
+    train = [(a["name"], load_config(args.config, a["overrides"]).train) for a in arms]
+    ref = [t for name, t in train if name == "reference"]
+    acc = [t for name, t in train if name == "accel"]
     if (
         ref
         and acc
@@ -507,7 +506,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--config", required=True, help="run YAML for the accel arm (and shared data/train settings)"
     )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_set_argument(p)
     p.add_argument(
         "--shapes", default=None, help="comma list of model.architecture shapes (default: the YAML's)"
     )
@@ -561,10 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "versions": _versions(),
         "flops_per_token": "6 * params + 12 * layers * hidden * seq",
-        "allocator": {
-            n: os.environ.get(n) for n in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF") if n in os.environ
-        }
-        or {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True (accel-tp's default, every arm)"},
+        "allocator": allocator_env(os.environ),  # what every arm runs with
         "rows": [],
     }
     for i, spec in enumerate(arms):

@@ -7,14 +7,11 @@ import sys
 
 from .config import Config, ConfigError, load_config
 
-__all__ = ["parse_args", "main_ray", "main_local"]
+__all__ = ["parse_args", "main_ray", "main_local", "add_set_argument"]
 
 
-def parse_args(argv: list[str] | None, ray: bool) -> tuple[argparse.Namespace, Config]:
-    p = argparse.ArgumentParser(
-        description="accel-tp: tensor x data parallel training (DeepSpeed AutoTP + ZeRO)."
-    )
-    p.add_argument("--config", required=True, help="run YAML, e.g. accelerate_configs/tp2_dp2.yaml")
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+    """The repeatable `--set SECTION.KEY=VALUE` config override every entry point takes."""
     p.add_argument(
         "--set",
         dest="overrides",
@@ -23,6 +20,14 @@ def parse_args(argv: list[str] | None, ray: bool) -> tuple[argparse.Namespace, C
         metavar="SECTION.KEY=VALUE",
         help="override one config value (YAML syntax), e.g. --set train.learning_rate=3e-5; repeatable",
     )
+
+
+def parse_args(argv: list[str] | None, ray: bool) -> tuple[argparse.Namespace, Config]:
+    p = argparse.ArgumentParser(
+        description="accel-tp: tensor x data parallel training (DeepSpeed AutoTP + ZeRO)."
+    )
+    p.add_argument("--config", required=True, help="run YAML, e.g. accelerate_configs/tp2_dp2.yaml")
+    add_set_argument(p)
     if ray:
         p.add_argument("--address", default=None, help="Ray address: 'auto' joins a running cluster")
     else:

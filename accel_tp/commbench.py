@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .cli import add_set_argument
+
 __all__ = ["TPTraffic", "tp_traffic", "measure", "main"]
 
 _RESULT = "COMM_RESULT "
@@ -193,7 +195,7 @@ def worker_main(args: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="TP collectives per step and measured bus bandwidth.")
     p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_set_argument(p)
     p.add_argument("--nproc", type=int, default=2, help="processes (GPUs) to measure with")
     p.add_argument("--sizes-mb", default="1,16,64,256", help="message sizes for the bandwidth sweep")
     p.add_argument("--iters", type=int, default=20)

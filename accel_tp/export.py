@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .checkpoint import RUN_CONFIG_FILE, peek_train_state, steps_under
+from .cli import add_set_argument
 from .config import Config, ConfigError, load_config
 
 __all__ = ["export_hf", "export_checkpoint", "inspect_checkpoint", "ray_registered", "CheckpointInfo", "main"]
@@ -384,14 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the run's YAML; default: the config recorded in the checkpoint (accel_tp_config.yaml)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (YAML syntax), as for training; repeatable",
-    )
+    add_set_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument(
         "--dtype",

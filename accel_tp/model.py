@@ -130,8 +130,10 @@ def build_model(section: ModelSection, config: Any, seed: int) -> Any:
     return model
 
 
-def apply_liger_kernels(model: Any, fused_linear_cross_entropy: bool, layer_kernels: bool = True) -> None:
-    """Swap in Liger's Triton kernels on this model instance (GPU only).
+def apply_liger_kernels(
+    model: Any, fused_linear_cross_entropy: bool, layer_kernels: bool = True
+) -> list[str]:
+    """Swap in Liger's Triton kernels on this model instance (GPU only); returns their names.
 
     `fused_linear_cross_entropy` computes the loss from the last hidden states and the lm_head
     weight in chunks, so the (tokens x vocab) logits are never stored; it reads lm_head.weight
@@ -158,6 +160,8 @@ def apply_liger_kernels(model: Any, fused_linear_cross_entropy: bool, layer_kern
         rms_norm=layer_kernels,
         swiglu=layer_kernels,
     )
+    applied = ["fused linear cross-entropy"] if fused_linear_cross_entropy else []
+    return applied + (["RMSNorm", "RoPE", "SwiGLU"] if layer_kernels else [])
 
 
 def decoder_layers(model: Any) -> Any:

@@ -215,23 +215,20 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     checkpointer.precheck()  # a checkpoint of another model or batch fails here, before the model is built
 
     model = build_model(cfg.model, mconf, cfg.run.seed)
+    levers = []
     if cfg.model.liger_kernel:
         # Under AutoTP the lm_head is vocab-sharded; the fused loss would read one shard as the whole.
         # With model.compile the compiler fuses norms, rotary and SwiGLU itself, and measured faster
         # than Liger's kernels inside the compiled layers (docs/performance.md); Liger then adds only
         # the fused linear cross-entropy.
-        apply_liger_kernels(
+        kernels = apply_liger_kernels(
             model,
             fused_linear_cross_entropy=topo.tp_size == 1,
             layer_kernels=not cfg.model.compile,
         )
+        levers.append(f"Liger ({', '.join(kernels)})")
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    levers = []
-    if cfg.model.liger_kernel:
-        kernels = ["fused linear cross-entropy"] if topo.tp_size == 1 else []
-        kernels += [] if cfg.model.compile else ["RMSNorm", "RoPE", "SwiGLU"]
-        levers.append(f"Liger ({', '.join(kernels)})")
     n_params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(mconf, n_params, cfg.data.seq_length)
     tr = cfg.train
