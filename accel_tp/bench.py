@@ -25,11 +25,13 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,17 +55,63 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+class _GpuSampler:
+    """Samples the GPU's SM clock, power and temperature once a second while steps are timed
+    (nvidia-smi; nothing where there is none), so a slow run can be told from a throttled GPU."""
+
+    _QUERY = "clocks.sm,clocks.max.sm,power.draw,temperature.gpu"
+
+    def __init__(self, device: Any) -> None:
+        self.samples: list[list[float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if device.type == "cuda" and shutil.which("nvidia-smi"):
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            index = visible.split(",")[device.index or 0] if visible else str(device.index or 0)
+            self._cmd = ["nvidia-smi", "-i", index, f"--query-gpu={self._QUERY}"]
+            self._cmd.append("--format=csv,noheader,nounits")
+            self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            with contextlib.suppress(Exception):
+                out = subprocess.run(self._cmd, capture_output=True, text=True, timeout=5).stdout
+                self.samples.append([float(v) for v in out.strip().split(",")])
+
+    def start(self) -> None:
+        if self._thread:
+            self._thread.start()
+
+    def summary(self) -> dict[str, float] | None:
+        self._stop.set()
+        if self._thread and self._thread.is_alive():
+            self._thread.join()
+        if not self.samples:
+            return None
+        clock, max_clock, power, temp = zip(*self.samples, strict=True)
+        return {
+            "sm_clock_mhz_mean": sum(clock) / len(clock),
+            "sm_clock_mhz_min": min(clock),
+            "sm_clock_mhz_max_rated": max(max_clock),
+            "power_w_mean": sum(power) / len(power),
+            "temperature_c_max": max(temp),
+            "samples": len(clock),
+        }
+
+
 def _time_steps(step, next_micro_batches, warmup: int, steps: int, device: Any) -> dict[str, float]:
     """Run warmup + steps optimizer steps; time the last `steps` between two synchronisations."""
     import torch
 
     real = positions = 0
     t0 = 0.0
+    sampler = _GpuSampler(device)
     for i in range(warmup + steps):
         if i == warmup:
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            sampler.start()
             t0 = time.perf_counter()
         mbs = next_micro_batches()
         if i >= warmup:
@@ -73,7 +121,13 @@ def _time_steps(step, next_micro_batches, warmup: int, steps: int, device: Any) 
     _sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"seconds": seconds, "real": real, "positions": positions, "peak_gib": peak}
+    return {
+        "seconds": seconds,
+        "real": real,
+        "positions": positions,
+        "peak_gib": peak,
+        "gpu": sampler.summary(),
+    }
 
 
 def _global(values: list[float], device: Any, tp_size: int) -> list[float]:
@@ -251,6 +305,7 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         "peak_gib": peak,
         "final_loss": timing["loss"],
         "device": info["device"],
+        "gpu_state": timing["gpu"],
         "overrides": spec["overrides"],
     }
     if topo.rank == 0:
@@ -571,8 +626,10 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in row:
             print(f"[bench]   failed ({row['error']}):\n{row['log_tail']}", flush=True)
         else:
+            gpu = row.get("gpu_state")
+            clock = f", SM {gpu['sm_clock_mhz_mean']:.0f} MHz, {gpu['power_w_mean']:.0f} W" if gpu else ""
             print(
-                f"[bench]   {row['tokens_per_s']:,.0f} real tokens/s, {row['step_ms']:.1f} ms/step",
+                f"[bench]   {row['tokens_per_s']:,.0f} real tokens/s, {row['step_ms']:.1f} ms/step{clock}",
                 flush=True,
             )
         if args.json:

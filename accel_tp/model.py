@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import ConfigError, ModelSection
 
 __all__ = [
@@ -130,6 +132,14 @@ def build_model(section: ModelSection, config: Any, seed: int) -> Any:
     return model
 
 
+# Liger's fused loss works through the tokens in chunks of about
+# chunk_mem x hidden / vocab rows and adds each chunk's lm_head gradient into one buffer. Its default
+# (1) cuts a 49k-token micro-batch into 96 chunks of 512 rows: skinny GEMMs, and the whole
+# 151,936 x 896 gradient buffer is read and written 96 times. 8 gives 12 chunks of 4,096 rows
+# (~1.2 GiB of bf16 logits per chunk). Measured in docs/performance.md.
+FUSED_LOSS_CHUNK_MEM = 8
+
+
 def apply_liger_kernels(
     model: Any, fused_linear_cross_entropy: bool, layer_kernels: bool = True
 ) -> list[str]:
@@ -141,6 +151,7 @@ def apply_liger_kernels(
     """
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:
         raise ConfigError(
@@ -153,15 +164,50 @@ def apply_liger_kernels(
         raise ConfigError(
             f"model.liger_kernel: Liger has no kernels for model type {model_type!r}; set it false."
         )
-    _apply_liger_kernel_to_instance(
-        model=model,
-        fused_linear_cross_entropy=fused_linear_cross_entropy,
-        rope=layer_kernels,
-        rms_norm=layer_kernels,
-        swiglu=layer_kernels,
-    )
-    applied = ["fused linear cross-entropy"] if fused_linear_cross_entropy else []
+    if layer_kernels:
+        _apply_liger_kernel_to_instance(
+            model=model, fused_linear_cross_entropy=False, rope=True, rms_norm=True, swiglu=True
+        )
+    applied = []
+    if fused_linear_cross_entropy:
+        # Our own forward rather than Liger's: its Transformers integration leaves the lm_head
+        # gradient accumulating in the weight's dtype (bf16) and its chunks small.
+        model.forward = _fused_loss_forward(model, liger_fused_linear_cross_entropy)
+        applied.append("fused linear cross-entropy")
     return applied + (["RMSNorm", "RoPE", "SwiGLU"] if layer_kernels else [])
+
+
+def _fused_loss_forward(model: Any, fused_loss: Any) -> Any:
+    """A forward for `model` that, given labels, returns only the loss, computed by `fused_loss`
+    from the final hidden states (Hugging Face's causal-LM loss: labels shifted by one, -100
+    ignored, summed over tokens and divided by `num_items_in_batch` when given, else the mean)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    full_forward = model.forward
+    base = getattr(model, model.base_model_prefix)
+
+    def forward(
+        input_ids: Any = None, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any
+    ) -> Any:
+        if labels is None:
+            return full_forward(input_ids=input_ids, **kwargs)
+        hidden = base(input_ids=input_ids, **kwargs).last_hidden_state
+        target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        loss = fused_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            model.lm_head.weight,
+            target.reshape(-1).to(hidden.device),
+            bias=model.lm_head.bias,
+            reduction="mean" if num_items_in_batch is None else "sum",
+            # fp32 sum of the per-chunk lm_head gradients (cast to the weight's dtype once at the end).
+            accum_dtype=torch.float32,
+            chunk_mem_const=FUSED_LOSS_CHUNK_MEM,
+        )
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+        return CausalLMOutputWithPast(loss=loss)
+
+    return forward
 
 
 def decoder_layers(model: Any) -> Any:

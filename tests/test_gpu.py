@@ -88,3 +88,55 @@ def test_liger_and_compile_keep_the_losses(tmp_path):
         worst = max(abs(g - w) / abs(w) for g, w in zip(got, eager, strict=True))
         print(f"{name}: worst relative loss difference {worst:.2e}")
         assert worst < 1e-4, f"{name}: {got} vs eager {eager}"
+
+
+def test_fused_loss_lm_head_gradient_in_bf16():
+    """accel-tp's fused linear cross-entropy forward (Liger's kernel, lm_head gradient summed
+    over the chunks in fp32) in bf16: the lm_head gradient is as close to an fp32 computation from the
+    same hidden states as rounding that fp32 gradient to bf16 once allows (within 1.5x)."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from accel_tp.model import apply_liger_kernels
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(cfg).cuda().bfloat16().train()
+    assert apply_liger_kernels(model, fused_linear_cross_entropy=True, layer_kernels=False) == [
+        "fused linear cross-entropy"
+    ]
+    seen = {}
+    model.model.register_forward_hook(lambda m, i, o: seen.update(h=o.last_hidden_state.detach()))
+    ids = torch.randint(0, cfg.vocab_size, (16, 1024), device="cuda")  # 16k tokens: 16 loss chunks
+    n = torch.tensor(float(ids[:, 1:].numel()), device="cuda")
+    model(input_ids=ids, labels=ids, num_items_in_batch=n).loss.backward()
+    got = model.lm_head.weight.grad.float()
+
+    h = seen["h"].reshape(-1, cfg.hidden_size)
+    target = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:].reshape(-1)
+    w = model.lm_head.weight.detach().float().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(h.float() @ w.T, target, reduction="sum") / n
+    loss.backward()
+    want = w.grad
+
+    def rel(a: torch.Tensor) -> float:
+        return float((a - want).norm() / want.norm())
+
+    floor = rel(want.bfloat16().float())
+    err = rel(got)
+    # What Liger's own integration does (the chunk sums in bf16), for the record.
+    wb = model.lm_head.weight.detach().clone().requires_grad_()
+    liger_fused_linear_cross_entropy(h, wb, target, reduction="sum", chunk_mem_const=8).backward()
+    print(
+        f"lm_head grad vs fp32: ours {err:.2e}, bf16 sums {rel(wb.grad.float() / n):.2e}, floor {floor:.2e}"
+    )
+    assert err < 1.5 * floor

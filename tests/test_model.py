@@ -184,3 +184,45 @@ def test_build_model_same_seed_same_weights() -> None:
     assert next(a.parameters()).dtype == torch.float32
     assert a.config.use_cache is False
     assert a.config._attn_implementation == "eager"
+
+
+# --------------------------------------------------------------------------------------------
+# the fused-loss forward (Liger's kernel is GPU-only; here a plain-torch stand-in with its signature)
+
+
+def _unfused_loss(h, w, target, bias=None, reduction="mean", accum_dtype=None, chunk_mem_const=1):
+    assert accum_dtype is torch.float32  # the lm_head gradient must be summed in fp32
+    logits = h.float() @ w.float().T + (0 if bias is None else bias.float())
+    return torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction=reduction)
+
+
+@pytest.mark.parametrize("num_items", [None, 7.0])
+def test_fused_loss_forward_matches_hf_loss(num_items: float | None) -> None:
+    """Same loss and gradients as Hugging Face's own causal-LM loss: shifted labels, -100
+    ignored, per-token sum / num_items_in_batch (or the mean), packed-row position_ids passed on."""
+    from accel_tp.model import _fused_loss_forward
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**{**TINY_QWEN2, "tie_word_embeddings": True})
+    ref = Qwen2ForCausalLM(cfg)
+    fused = Qwen2ForCausalLM(cfg)
+    fused.load_state_dict(ref.state_dict())
+    fused.forward = _fused_loss_forward(fused, _unfused_loss)
+    ids = torch.randint(0, 96, (2, 12))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, 9:] = -100
+    # Two packed documents in row 0.
+    pos = torch.cat([torch.arange(5), torch.arange(7)]).repeat(2, 1)
+    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    want = ref(input_ids=ids, labels=labels, position_ids=pos, use_cache=False, **kw)
+    got = fused(input_ids=ids, labels=labels, position_ids=pos, use_cache=False, **kw)
+    assert got.logits is None  # the point: no (tokens x vocab) logits kept
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=0)
+    want.loss.backward()
+    got.loss.backward()
+    for (name, a), b in zip(ref.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # Without labels (generation, logits wanted) the model's own forward runs.
+    out = fused(input_ids=ids, use_cache=False)
+    torch.testing.assert_close(out.logits, ref(input_ids=ids, use_cache=False).logits)
