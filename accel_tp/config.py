@@ -127,8 +127,14 @@ class DataSection:
     # documents held out of training (deterministic). Neither: no evaluation.
     eval_split: str | None = None
     eval_fraction: float = 0.0
+    # Processes that build micro-batches ahead of the training step (torch DataLoader workers).
+    # 0 builds each one in the training process between steps, while the GPU waits; on a GPU 2
+    # hides that time (docs/performance.md).
+    num_workers: int = 0
 
     def validate(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}.")
         if self.eval_split and self.source != "hub":
             raise ConfigError(
                 "data.eval_split: only for source 'hub'; use data.eval_fraction for other sources."

@@ -355,7 +355,11 @@ def prepare_dataloader(
         sampler=sampler,
         collate_fn=make_collate(pad_id, section.padding, section.seq_length, section.packing),
         drop_last=True,
-        num_workers=0,
+        num_workers=section.num_workers,
+        # Workers live across epochs (the sampler is still iterated here, so set_epoch holds).
+        persistent_workers=section.num_workers > 0,
+        # Page-locked batches make the trainer's non_blocking host-to-device copies asynchronous.
+        pin_memory=torch.cuda.is_available(),
     )
     return ShardedLoader(loader, sampler)
 

@@ -354,6 +354,7 @@ def test_model_name_or_path_alone_is_valid() -> None:
         ({"percentage": "nan"}, "data.percentage"),
         ({"seq_length": 4}, "data.seq_length: must be >= 8, got 4"),
         ({"min_tokens": 1}, "data.min_tokens: must be >= 2"),
+        ({"num_workers": -1}, "data.num_workers: must be >= 0"),
     ],
 )
 def test_data_rules(data: dict, expected: str) -> None:

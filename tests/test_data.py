@@ -166,6 +166,21 @@ def test_stream_resume_equals_skipped_uninterrupted_stream(start: int, dp_rank: 
             assert torch.equal(b1[k], b2[k])
 
 
+def test_worker_processes_yield_the_same_stream() -> None:
+    """data.num_workers builds batches in other processes; the stream, resumes included, is unchanged."""
+    ds = rows(40)
+    topo = Topology(4, 2, rank=3)
+    inline = prepare_dataloader(ds, topo, 5, 0, DataSection(seq_length=16), seed=3)
+    workers = prepare_dataloader(ds, topo, 5, 0, DataSection(seq_length=16, num_workers=2), seed=3)
+    assert workers.loader.num_workers == 2
+    for start in (0, 5):
+        want = list(itertools.islice(inline.stream(start), 10))  # crosses epoch boundaries
+        got = list(itertools.islice(workers.stream(start), 10))
+        assert [e for e, _ in got] == [e for e, _ in want]
+        for (_, b1), (_, b2) in zip(want, got):
+            assert all(torch.equal(b1[k], b2[k]) for k in b1)
+
+
 def test_prepare_dataloader_needs_one_batch_per_dp_rank() -> None:
     section = DataSection(seq_length=16)
     with pytest.raises(ConfigError) as e:
