@@ -250,10 +250,13 @@ class DPShardedSampler(Sampler[int]):
         self.batches_per_epoch = num_samples // (dp_size * micro_batch_size)
         self.epoch = 0
         self.start_batch = 0
+        self.endless = False
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, endless: bool = False) -> None:
+        """Start at micro-batch `start_batch` of `epoch`; `endless` runs on into the next epochs."""
         self.epoch = epoch
         self.start_batch = start_batch
+        self.endless = endless
 
     def epoch_indices(self, epoch: int) -> list[int]:
         if self.shuffle:
@@ -265,7 +268,12 @@ class DPShardedSampler(Sampler[int]):
         return order[:used][self.dp_rank :: self.dp_size]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices(self.epoch)[self.start_batch * self.micro_batch_size :])
+        epoch, skip = self.epoch, self.start_batch * self.micro_batch_size
+        while True:
+            yield from self.epoch_indices(epoch)[skip:]
+            if not self.endless:
+                return
+            epoch, skip = epoch + 1, 0
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.micro_batch_size
@@ -280,7 +288,9 @@ def make_collate(
     restart at every document (Transformers then masks attention per document) instead of an
     attention mask, and the first token of each document gets no label: in a row it would be
     predicted from the previous document, which one-document-at-a-time training never does.
-    The `_real_tokens` entry (non-padding tokens) is metadata, not a model input.
+    Entries starting with `_` are metadata, not model inputs: `_real_tokens` (non-padding tokens)
+    and `_label_tokens` (tokens with a label), counted here so the training step needs no pass
+    over the batch.
     """
 
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -306,6 +316,8 @@ def make_collate(
             out["position_ids"] = pos
         else:
             out["attention_mask"] = mask
+        # Each position predicts the next token: the first label of a row is never a target.
+        out["_label_tokens"] = (out["labels"][:, 1:] != -100).sum()
         return out
 
     return collate
@@ -325,11 +337,12 @@ class ShardedLoader:
     def stream(self, start_micro_batch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(epoch, batch) pairs from micro-batch number `start_micro_batch` of the whole run on."""
         epoch, offset = divmod(start_micro_batch, self.batches_per_epoch)
-        while True:
-            self.sampler.set_epoch(epoch, offset)
-            for batch in self.loader:
-                yield epoch, batch
-            epoch, offset = epoch + 1, 0
+        # One endless pass, so DataLoader workers keep building batches ahead across epoch
+        # boundaries (a new pass per epoch would start them cold). Every epoch is whole
+        # micro-batches, so a batch never straddles two epochs.
+        self.sampler.set_epoch(epoch, offset, endless=True)
+        for i, batch in enumerate(self.loader, start=start_micro_batch):
+            yield i // self.batches_per_epoch, batch
 
 
 def prepare_dataloader(

@@ -331,7 +331,7 @@ def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: 
     ga = len(micro_batches)
     # Every TP peer holds the same batch, so world-wide sums count each DP batch tp_size times.
     local = [
-        sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches),
+        sum(float(mb["_label_tokens"]) for mb in micro_batches),
         sum(float(mb["_real_tokens"]) for mb in micro_batches),
     ]
     label_tokens, real_tokens = (v / topo.tp_size for v in _all_reduce(local, device))

@@ -39,7 +39,7 @@ def reference_losses(cfg: Config, global_batch: int) -> tuple[list[float], float
     losses = []
     for s in range(steps):
         batch = collate([ds[i] for i in order[s * global_batch : (s + 1) * global_batch]])
-        batch.pop("_real_tokens")
+        batch = {k: v for k, v in batch.items() if not k.startswith("_")}
         loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.deepspeed.gradient_clipping)
@@ -53,7 +53,7 @@ def reference_losses(cfg: Config, global_batch: int) -> tuple[list[float], float
     with torch.no_grad():
         for i in range(0, len(eval_ds), 16):
             batch = collate([eval_ds[j] for j in range(i, min(i + 16, len(eval_ds)))])
-            batch.pop("_real_tokens")
+            batch = {k: v for k, v in batch.items() if not k.startswith("_")}
             n = float((batch["labels"][:, 1:] != -100).sum())
             total += model(**batch, use_cache=False).loss.item() * n
             count += n

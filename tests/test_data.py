@@ -236,6 +236,9 @@ def test_collate_width_mask_and_labels(lengths: list[int], seq_length: int, padd
         assert batch["input_ids"][i, :n].tolist() == r["input_ids"]
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
         assert (batch["input_ids"][i, n:] == pad).all()
+    # Metadata: every real token, and each target (a real token after the first of its row).
+    assert int(batch["_real_tokens"]) == sum(lengths)
+    assert int(batch["_label_tokens"]) == sum(n - 1 for n in lengths)
 
 
 def test_collate_labels_follow_mask_not_pad_id() -> None:

@@ -315,6 +315,23 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, cache):
     assert saved and saved[-1] == f"step_{bad_step - 1:08d}", (bad_step, saved)
 
 
+def test_nonfinite_gradient_stops_under_bf16(tmp_path, cache):
+    """DeepSpeed's per-tensor bf16 overflow scan is off (parallel.py); a NaN gradient with a
+    finite loss must still stop the run at that step, under AutoTP (tp 2) and ZeRO-1."""
+    out = tmp_path / "nan.json"
+    ov = {**base_overrides(cache, tmp_path), **layout(2, 1), "deepspeed.precision": "bf16"}
+    proc = torchrun(
+        2,
+        ROOT / "tests" / "workers" / "nan_gradient.py",
+        [str(TINY), str(out), *[f"{k}={v}" for k, v in ov.items()]],
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    rep = json.loads(out.read_text())
+    assert rep["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert all(0 < n < float("inf") for n in rep["norms"]), rep
+    assert rep["error"] is not None and rep["error"].startswith("step 3: gradient norm is inf"), rep
+
+
 @pytest.mark.parametrize("zero", [1, 2])
 def test_export_script_from_checkpoint(runs, tmp_path, cache, zero):
     """scripts/export_hf.py on the step-20 checkpoint of a tp2 x dp2 run (DeepSpeed gathers the TP

@@ -233,7 +233,7 @@ def test_precision_sections() -> None:
     cfg = make_cfg()
     topo = Topology(2, 2)
     bf16 = build_deepspeed_config(cfg, topo, "bf16")
-    assert bf16["bf16"] == {"enabled": True} and "fp16" not in bf16
+    assert bf16["bf16"] == {"enabled": True, "check_grad_overflow": False} and "fp16" not in bf16
     fp16 = build_deepspeed_config(cfg, topo, "fp16")
     assert fp16["fp16"]["enabled"] is True and fp16["fp16"]["loss_scale"] == 0  # 0: dynamic
     assert "bf16" not in fp16
@@ -273,7 +273,7 @@ def test_overrides_merge_into_nested_dicts() -> None:
     zero = ds["zero_optimization"]
     assert zero["sub_group_size"] == 1000 and zero["overlap_comm"] is True  # added and replaced
     assert zero["stage"] == 2 and zero["contiguous_gradients"] is True  # kept
-    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False, "immediate_grad_update": True}
     assert ds["gradient_clipping"] == 0.25
     assert ds["activation_checkpointing"] == {"partition_activations": True}
     assert ds["tensor_parallel"] == {"autotp_size": 2}
