@@ -11,8 +11,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_bf16_training_on_one_gpu(tmp_path):
-    """The full stack on one GPU in bf16 (auto precision): it trains and the loss falls."""
+    """The full stack on one GPU in bf16 (auto precision), batches from DataLoader workers as the
+    GPU YAMLs set: it trains and the loss falls."""
     ov = {
+        "data.num_workers": 2,
         "run.output_dir": str(tmp_path),
         "data.cache_dir": str(tmp_path / "cache"),
         "parallelism.tp_size": 1,
@@ -70,8 +72,8 @@ def test_liger_and_compile_keep_the_losses(tmp_path):
     document-packed rows, against eager HF with SDPA over 12 steps. Only the order of float sums differs (fused kernels, chunked loss): measured on
     an H100 (2026-11-24, then with grad_accum 1) every variant stays within 1.15e-7 relative of
     eager at every step (one float32 ulp of the loss); we assert 1e-4, while a wrong loss divisor,
-    a document mask lost or a kernel fed the wrong input moves the loss by > 1e-2. Liger's bf16
-    gradient accumulation (see docs/performance.md) is not covered: this runs in fp32."""
+    a document mask lost or a kernel fed the wrong input moves the loss by > 1e-2. This runs in
+    fp32; the fused loss's bf16 gradient precision is test_fused_loss_lm_head_gradient_in_bf16."""
     eager = _losses(tmp_path, "eager", {})
     for name, extra in {
         "liger": {"model.liger_kernel": True},
