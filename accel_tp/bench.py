@@ -390,18 +390,10 @@ def _parse_variant(text: str) -> tuple[str, list[str]]:
     return name.strip(), sets.split()
 
 
-def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
-    """The arm specs, grouped by (shape, seq): reference first, then accel-tp's variants."""
-    from .config import load_config
-
-    base_cfg = load_config(args.config, args.overrides)
-    base = list(args.overrides)
-    tp = base_cfg.parallelism.tp_size
-    if args.nproc % tp:
-        raise SystemExit(f"--nproc {args.nproc} is not a multiple of parallelism.tp_size {tp}.")
-    base += [
-        f"parallelism.dp_size={args.nproc // tp}",
-        f"run.output_dir={workdir / 'runs'}",
+def measurement_overrides(output_dir: Path, max_steps: int) -> list[str]:
+    """Settings for timing a run's steps: no logging, evaluation, checkpoints or LR warm-up."""
+    return [
+        f"run.output_dir={output_dir}",
         "train.log_with=[]",
         "train.progress_bar=false",
         "train.eval_every=0",
@@ -411,9 +403,22 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
         "checkpoint.at_end=false",
         "checkpoint.export_hf=false",
         "checkpoint.resume_from=null",
-        f"train.max_steps={args.warmup + args.steps + 1}",
+        f"train.max_steps={max_steps}",
         "train.warmup_steps=0",
     ]
+
+
+def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """The arm specs, grouped by (shape, seq): reference first, then accel-tp's variants."""
+    from .config import load_config
+
+    base_cfg = load_config(args.config, args.overrides)
+    base = list(args.overrides)
+    tp = base_cfg.parallelism.tp_size
+    if args.nproc % tp:
+        raise SystemExit(f"--nproc {args.nproc} is not a multiple of parallelism.tp_size {tp}.")
+    base += [f"parallelism.dp_size={args.nproc // tp}"]
+    base += measurement_overrides(workdir / "runs", args.warmup + args.steps + 1)
     if args.corpus == "wikitext-like":
         from .corpus import wikitext_like
 
