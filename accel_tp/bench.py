@@ -167,7 +167,9 @@ def _reference_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float],
     barrier = torch.distributed.barrier
     dataset = load_or_build_tokenized(cfg.data, tok, int(os.environ.get("LOCAL_RANK", "0")) == 0, barrier)
     tr = cfg.train
-    loader = prepare_dataloader(dataset, topo, tr.micro_batch_size, tok.pad_token_id, cfg.data, cfg.run.seed)
+    loader = prepare_dataloader(
+        dataset, topo, tr.micro_batch_size, tok.pad_token_id, cfg.data, cfg.run.seed, pin_memory=cuda
+    )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     torch.manual_seed(cfg.run.seed)
     mconf._attn_implementation = cfg.model.attn_implementation

@@ -276,6 +276,8 @@ class DPShardedSampler(Sampler[int]):
             epoch, skip = epoch + 1, 0
 
     def __len__(self) -> int:
+        if self.endless:
+            raise TypeError("an endless DPShardedSampler has no length")
         return (self.batches_per_epoch - self.start_batch) * self.micro_batch_size
 
 
@@ -352,8 +354,12 @@ def prepare_dataloader(
     pad_id: int,
     section: DataSection,
     seed: int,
+    pin_memory: bool = False,
 ) -> ShardedLoader:
-    """The dataloader preparer: shards by dp_rank / dp_size instead of process index."""
+    """The dataloader preparer: shards by dp_rank / dp_size instead of process index.
+
+    `pin_memory` (for a CUDA run) page-locks the batches so the trainer's non_blocking
+    host-to-device copies are asynchronous."""
     sampler = DPShardedSampler(
         len(dataset), topo.dp_rank, topo.dp_size, micro_batch_size, seed=seed, shuffle=section.shuffle
     )
@@ -371,8 +377,7 @@ def prepare_dataloader(
         num_workers=section.num_workers,
         # Workers live across epochs (the sampler is still iterated here, so set_epoch holds).
         persistent_workers=section.num_workers > 0,
-        # Page-locked batches make the trainer's non_blocking host-to-device copies asynchronous.
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
     )
     return ShardedLoader(loader, sampler)
 

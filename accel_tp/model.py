@@ -179,9 +179,11 @@ def apply_liger_kernels(
 
 
 def _fused_loss_forward(model: Any, fused_loss: Any) -> Any:
-    """A forward for `model` that, given labels, returns only the loss, computed by `fused_loss`
-    from the final hidden states (Hugging Face's causal-LM loss: labels shifted by one, -100
-    ignored, summed over tokens and divided by `num_items_in_batch` when given, else the mean)."""
+    """A forward for `model` that, in training with labels, returns only the loss, computed by
+    `fused_loss` from the final hidden states (Hugging Face's causal-LM loss: labels shifted by one,
+    -100 ignored, summed over tokens and divided by `num_items_in_batch` when given, else the mean).
+    In eval mode or without labels the model's own forward runs, so evaluation and the export
+    check get logits (as with Liger's own integration)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     full_forward = model.forward
@@ -190,8 +192,10 @@ def _fused_loss_forward(model: Any, fused_loss: Any) -> Any:
     def forward(
         input_ids: Any = None, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any
     ) -> Any:
-        if labels is None:
-            return full_forward(input_ids=input_ids, **kwargs)
+        if labels is None or not model.training:
+            return full_forward(
+                input_ids=input_ids, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs
+            )
         hidden = base(input_ids=input_ids, **kwargs).last_hidden_state
         target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
         loss = fused_loss(

@@ -185,7 +185,13 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     check_tp_heads(topo.tp_size, mconf.num_attention_heads, getattr(mconf, "num_key_value_heads", None))
     dataset = load_or_build_tokenized(cfg.data, tokenizer, local_main, accelerator.wait_for_everyone)
     loader = prepare_dataloader(
-        dataset, topo, cfg.train.micro_batch_size, tokenizer.pad_token_id, cfg.data, seed=cfg.run.seed
+        dataset,
+        topo,
+        cfg.train.micro_batch_size,
+        tokenizer.pad_token_id,
+        cfg.data,
+        seed=cfg.run.seed,
+        pin_memory=accelerator.device.type == "cuda",
     )
     total_steps = total_steps_for(cfg, loader.batches_per_epoch)
     eval_ds = load_or_build_tokenized(cfg.data, tokenizer, local_main, accelerator.wait_for_everyone, "eval")

@@ -181,6 +181,22 @@ def test_worker_processes_yield_the_same_stream() -> None:
             assert all(torch.equal(b1[k], b2[k]) for k in b1)
 
 
+def test_stream_reads_each_epochs_shuffled_indices_in_order() -> None:
+    """The endless pass yields exactly epoch_indices(e) in micro-batches, epoch after epoch,
+    labelled with its epoch; an endless sampler refuses len()."""
+    ds = rows(40)
+    loader = prepare_dataloader(ds, Topology(2, 1, rank=1), 4, 0, DataSection(seq_length=16), seed=9)
+    bpe = loader.batches_per_epoch
+    got = list(itertools.islice(loader.stream(), 3 * bpe))
+    for e in range(3):
+        ids = [sample_id(r) for epoch, b in got[e * bpe : (e + 1) * bpe] for r in b["input_ids"]]
+        assert {epoch for epoch, _ in got[e * bpe : (e + 1) * bpe]} == {e}
+        assert ids == loader.sampler.epoch_indices(e)
+    assert not loader.loader.pin_memory  # only for a CUDA run (the trainer passes pin_memory)
+    with pytest.raises(TypeError, match="endless"):
+        len(loader.sampler)
+
+
 def test_prepare_dataloader_needs_one_batch_per_dp_rank() -> None:
     section = DataSection(seq_length=16)
     with pytest.raises(ConfigError) as e:

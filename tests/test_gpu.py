@@ -145,3 +145,29 @@ def test_fused_loss_lm_head_gradient_in_bf16():
         f"lm_head grad vs fp32: ours {err:.2e}, bf16 sums {rel(wb.grad.float() / n):.2e}, floor {floor:.2e}"
     )
     assert err < 1.5 * floor
+
+
+def test_fused_loss_run_evaluates_and_exports(tmp_path):
+    """With the fused loss on, evaluation and the end-of-training export (which checks the trained
+    model's logits) still get logits: the fused path is for training only."""
+    import torch
+
+    ov = {
+        "run.name": "liger-export",
+        "run.output_dir": str(tmp_path),
+        "data.cache_dir": str(tmp_path / "cache"),
+        "parallelism.tp_size": 1,
+        "parallelism.dp_size": 1,
+        "model.liger_kernel": True,
+        "train.max_steps": 4,
+        "train.progress_bar": False,
+        "data.eval_fraction": 0.05,
+        "checkpoint.at_end": False,
+        "checkpoint.export_hf": True,
+    }
+    proc = accelerate_launch(1, ov)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "[accel-tp] speed levers: Liger (fused linear cross-entropy" in proc.stdout
+    assert "eval_loss" in read_metrics(tmp_path / "liger-export" / "metrics.jsonl")[-1]
+    check = torch.load(tmp_path / "liger-export" / "hf" / "export_check.pt")
+    assert check["logits"].shape[:2] == check["batch"]["input_ids"].shape

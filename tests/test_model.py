@@ -226,3 +226,11 @@ def test_fused_loss_forward_matches_hf_loss(num_items: float | None) -> None:
     # Without labels (generation, logits wanted) the model's own forward runs.
     out = fused(input_ids=ids, use_cache=False)
     torch.testing.assert_close(out.logits, ref(input_ids=ids, use_cache=False).logits)
+    # So it does in eval mode with labels: evaluation and the export's check read the logits.
+    fused.eval()
+    ref.eval()
+    with torch.no_grad():
+        out = fused(input_ids=ids, labels=labels, position_ids=pos, use_cache=False, **kw)
+        want = ref(input_ids=ids, labels=labels, position_ids=pos, use_cache=False, **kw)
+    torch.testing.assert_close(out.logits, want.logits)
+    torch.testing.assert_close(out.loss, want.loss)

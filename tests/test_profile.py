@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from accel_tp.profile import idle_gaps
 
@@ -20,12 +21,14 @@ def _ev(cat: str, name: str, ts: float, dur: float, tid: int | str = 1) -> dict:
 
 def test_idle_gaps_attributed_to_the_training_thread(tmp_path):
     """Two 1 ms steps: in each the GPU waits 100 us for a batch at the start and 150 us inside
-    DeepSpeed's step; a pin-memory thread spanning everything must not take the blame."""
-    events = [
-        _ev("python_function", "torch/utils/data/_utils/pin_memory.py(52): _pin_memory_loop", 0, 2000, 2)
-    ]
+    DeepSpeed's step; another thread's short calls inside those gaps (the innermost frames, were
+    threads mixed) must not take the blame."""
+    pin = "/v/site-packages/torch/utils/data/_utils/pin_memory.py(26): do_one_step"
+    events = []
     for t in (0.0, 1000.0):
         events += [
+            _ev("python_function", pin, t, 2, 2),
+            _ev("python_function", pin, t + 700, 2, 2),
             _ev("python_function", "/repo/accel_tp/trainer.py(327): train_step", t, 1000),
             _ev("python_function", "/repo/accel_tp/data.py(331): stream", t, 100),
             _ev(
@@ -63,5 +66,7 @@ def test_profile_step_smoke_on_cpu(tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "2 steps:" in proc.stdout and "GPU busy 0.0 ms/step" in proc.stdout  # no GPU here
+    assert "2 steps:" in proc.stdout
+    if not torch.cuda.is_available():
+        assert "GPU busy 0.0 ms/step" in proc.stdout and "no GPU kernels in the trace" in proc.stdout
     assert trace.exists() and idle_gaps(trace)["steps"] == 2
