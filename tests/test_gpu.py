@@ -160,6 +160,7 @@ def test_fused_loss_run_evaluates_and_exports(tmp_path):
         "parallelism.dp_size": 1,
         "model.liger_kernel": True,
         "train.max_steps": 4,
+        "train.warmup_steps": 1,
         "train.progress_bar": False,
         "data.eval_fraction": 0.05,
         "checkpoint.at_end": False,
