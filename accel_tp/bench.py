@@ -327,6 +327,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def single_process_env(port: int) -> dict[str, str]:
+    """The torch.distributed environment of a one-process world (what torchrun would set)."""
+    return dict(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+
+
 def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
     """One arm in a fresh process tree; a failure becomes a row with its error, not a crash."""
     port = _free_port()
@@ -336,8 +348,7 @@ def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
     env.update(allocator_env(env))
     payload = ["-m", "accel_tp.bench", "--worker", json.dumps(spec)]
     if nproc == 1:
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.update(single_process_env(port))
         cmd = [sys.executable, *payload]
     else:
         cmd = [

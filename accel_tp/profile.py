@@ -154,25 +154,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bench import _free_port, measurement_overrides
+    from .bench import _free_port, measurement_overrides, single_process_env
     from .config import load_config
     from .launch import set_allocator_default
 
     args = parse_args(argv)
     set_allocator_default()  # the allocator setting training and the bench use
-    # One process, its own rendezvous.
-    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    for key, value in {**env, "MASTER_PORT": str(_free_port())}.items():
+    # One process, its own rendezvous (unless launched under torchrun).
+    for key, value in single_process_env(_free_port()).items():
         os.environ.setdefault(key, value)
-    workdir = Path(tempfile.mkdtemp(prefix="accel_tp_profile_"))
-    overrides = [*args.overrides, "parallelism.dp_size=1"]
-    overrides += measurement_overrides(workdir / "runs", args.warmup + args.steps + 1)
-    cfg = load_config(args.config, overrides)
-    if cfg.parallelism.tp_size != 1:
-        raise SystemExit(
-            "profile_step runs one process: set parallelism.tp_size=1 (--set parallelism.tp_size=1)."
-        )
-    out = profile_steps(cfg, args.warmup, args.steps, Path(args.trace))
+    with tempfile.TemporaryDirectory(prefix="accel_tp_profile_") as workdir:
+        overrides = [*args.overrides, "parallelism.dp_size=1"]
+        overrides += measurement_overrides(Path(workdir) / "runs", args.warmup + args.steps + 1)
+        cfg = load_config(args.config, overrides)
+        if cfg.parallelism.tp_size != 1:
+            raise SystemExit(
+                "profile_step runs one process: set parallelism.tp_size=1 (--set parallelism.tp_size=1)."
+            )
+        out = profile_steps(cfg, args.warmup, args.steps, Path(args.trace))
     print(out["top_ops"])
     print(format_report(out["report"]))
     print(f"trace: {args.trace}")

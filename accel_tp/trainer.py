@@ -311,7 +311,7 @@ def evaluate(rt: Runtime) -> dict[str, float]:
     total = count = 0.0
     with torch.no_grad():
         for mb in rt.eval_data or []:
-            n = float((mb["labels"][:, 1:] != -100).sum())
+            n = float(mb["_label_tokens"])
             if n == 0:
                 continue
             batch = {k: v.to(acc.device) for k, v in mb.items() if not k.startswith("_")}
