@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,8 @@ __all__ = [
     "check_resume",
     "write_run_config",
     "RUN_CONFIG_FILE",
+    "HOOK_ENV",
+    "load_save_hook",
 ]
 
 _PREFIX = "step_"
@@ -131,6 +133,26 @@ def write_run_config(folder: str | os.PathLike, run_config: dict[str, Any] | Non
     (Path(folder) / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=False))
 
 
+# The fault-injection seam (used by the tests; also a site hook): ACCEL_TP_CHECKPOINT_HOOK names an
+# importable "module:function", called on every rank as function(point, step, rank, folder) at the
+# named points of a save. Points: "written" (this rank's files are in `folder`, not yet committed
+# or reported). Unset: no hook.
+HOOK_ENV = "ACCEL_TP_CHECKPOINT_HOOK"
+
+
+def load_save_hook(spec: str | None = None) -> Callable[[str, int, int, str], None] | None:
+    """The save hook named by `spec` (default: $ACCEL_TP_CHECKPOINT_HOOK), or None."""
+    spec = spec if spec is not None else os.environ.get(HOOK_ENV)
+    if not spec:
+        return None
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"{HOOK_ENV}: expected 'module:function', got {spec!r}.")
+    return getattr(importlib.import_module(module), name)
+
+
 class LocalCheckpointer:
     """`accelerate launch` runs: folders `<root>/step_N`, written under a temporary name first."""
 
@@ -151,6 +173,7 @@ class LocalCheckpointer:
         self.keep_last = keep_last
         self.allow_external = allow_external
         self.run_config = run_config
+        self.hook = load_save_hook()
 
     def save(self, step: int, metrics: dict[str, Any]) -> str:
         acc = self.accelerator
@@ -162,6 +185,8 @@ class LocalCheckpointer:
             write_run_config(tmp, self.run_config)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if self.hook is not None:
+            self.hook("written", step, acc.process_index, str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
             # A crash before this rename leaves only a .tmp- folder, which load() never picks.
@@ -206,25 +231,6 @@ class LocalCheckpointer:
         return self.state.step
 
 
-# Test hook (tests/test_multiprocess.py only): ACCEL_TP_TEST_HANG_IN_SAVE=<step>:<rank>:<marker file>
-# makes that rank stop in that step's Ray save, after writing its files and before reporting them,
-# so a test can kill it mid-checkpoint. It writes its pid to the marker first, and passes through
-# once the marker exists (the restarted run).
-_TEST_HANG_ENV = "ACCEL_TP_TEST_HANG_IN_SAVE"
-
-
-def _test_hook_hang_in_save(step: int, rank: int) -> None:
-    spec = os.environ.get(_TEST_HANG_ENV)
-    if not spec:
-        return
-    at_step, at_rank, marker = spec.split(":", 2)
-    if (int(at_step), int(at_rank)) != (step, rank) or os.path.exists(marker):
-        return
-    Path(f"{marker}.tmp").write_text(str(os.getpid()))
-    os.replace(f"{marker}.tmp", marker)  # the test never reads a half-written pid
-    time.sleep(600)
-
-
 class RayCheckpointer:
     """Ray runs: save into a local temp folder and report it; resume from Ray's latest checkpoint."""
 
@@ -232,6 +238,7 @@ class RayCheckpointer:
         self.accelerator = accelerator
         self.state = state
         self.run_config = run_config
+        self.hook = load_save_hook()
 
     def save(self, step: int, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -240,7 +247,8 @@ class RayCheckpointer:
             if self.accelerator.is_main_process:
                 write_run_config(tmp, self.run_config)  # one copy; Ray merges the workers' files
             self.accelerator.save_state(tmp)
-            _test_hook_hang_in_save(step, self.accelerator.process_index)
+            if self.hook is not None:
+                self.hook("written", step, self.accelerator.process_index, tmp)
             self.accelerator.wait_for_everyone()
             # Every worker reports its own files (its DeepSpeed shards); Ray merges them into one
             # checkpoint folder and only registers it once all workers have uploaded.

@@ -1,4 +1,4 @@
-"""Command-line parsing shared by scripts/train_ray.py and scripts/train.py."""
+"""The command lines of scripts/train_ray.py, scripts/train.py and scripts/export_hf.py."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import argparse
 import sys
 
 from .config import Config, ConfigError, load_config
+from .export import DTYPES, export_checkpoint
+from .launch import run_local, run_ray
 
-__all__ = ["parse_args", "main_ray", "main_local", "add_set_argument"]
+__all__ = ["parse_args", "main_ray", "main_local", "main_export", "add_set_argument"]
 
 
 def add_set_argument(p: argparse.ArgumentParser) -> None:
@@ -40,8 +42,6 @@ def parse_args(argv: list[str] | None, ray: bool) -> tuple[argparse.Namespace, C
 
 
 def main_ray(argv: list[str] | None = None) -> int:
-    from .launch import run_ray
-
     try:
         args, cfg = parse_args(argv, ray=True)
         run_ray(cfg, address=args.address)
@@ -52,12 +52,45 @@ def main_ray(argv: list[str] | None = None) -> int:
 
 
 def main_local(argv: list[str] | None = None) -> int:
-    from .launch import run_local
-
     try:
         _, cfg = parse_args(argv, ray=False)
         run_local(cfg)
     except ConfigError as e:
         print(f"accel-tp: config error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def main_export(argv: list[str] | None = None) -> int:
+    """scripts/export_hf.py: parse the arguments and run export_checkpoint."""
+    p = argparse.ArgumentParser(
+        description="Write a consolidated Hugging Face model (safetensors, config.json, tokenizer) from an "
+        "accel-tp checkpoint (TP shards and ZeRO partitions; local or Ray run)."
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder, e.g. .../checkpoints/step_00000500"
+    )
+    p.add_argument("--out", required=True, help="folder to write the model to (new or empty)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the run's YAML; default: the config recorded in the checkpoint (accel_tp_config.yaml)",
+    )
+    add_set_argument(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="weights' dtype in the export (auto: the training precision)",
+    )
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(
+            args.checkpoint, args.out, args.config, args.overrides, args.overwrite, args.dtype
+        )
+    except ConfigError as e:
+        print(f"accel-tp: export error: {e}", file=sys.stderr)
+        return 2
+    print(f"[accel-tp] exported {args.checkpoint} -> {out}")
     return 0

@@ -14,11 +14,8 @@ Two ways in, one gathering path:
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +23,23 @@ from typing import Any
 import torch
 
 from .checkpoint import RUN_CONFIG_FILE, peek_train_state, steps_under
-from .cli import add_set_argument
 from .config import Config, ConfigError, load_config
+from .env import apply_worker_env, free_port, quiet_libraries
+from .model import load_tokenizer, model_config, model_fingerprint
+from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin
 
-__all__ = ["export_hf", "export_checkpoint", "inspect_checkpoint", "ray_registered", "CheckpointInfo", "main"]
+__all__ = [
+    "export_hf",
+    "export_checkpoint",
+    "inspect_checkpoint",
+    "ray_registered",
+    "CheckpointInfo",
+    "DTYPES",
+]
 
 # Accelerate's save_state hands DeepSpeed this tag (accelerate.utils.MODEL_NAME) for the model.
 MODEL_TAG = "pytorch_model"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def export_hf(
@@ -205,12 +211,6 @@ def _check_out_dir(out: Path, checkpoint: Path, overwrite: bool) -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _export_worker(
     rank: int,
     world: int,
@@ -230,34 +230,24 @@ def _export_worker(
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world),
         LOCAL_WORLD_SIZE=str(world),
-        ACCELERATE_USE_DEEPSPEED="true",
         DS_ACCELERATOR="cpu",  # read when deepspeed is imported, i.e. below
         CUDA_VISIBLE_DEVICES="",
-        TOKENIZERS_PARALLELISM="false",
     )
-    _quiet()
+    apply_worker_env()
+    quiet_libraries()
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .model import model_config
-    from .parallel import make_deepspeed_plugin
-
-    ds_config = {
-        # dp = 1: the batch keys are bookkeeping only (nothing trains).
-        "train_batch_size": world,
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        # No ZeRO and no optimizer: only the module weights are loaded. The gather flag lets
-        # accelerator.get_state_dict consolidate the AutoTP shards.
-        "zero_optimization": {"stage": 0, "gather_16bit_weights_on_model_save": True},
-        "tensor_parallel": {"autotp_size": world},
-        "steps_per_print": 10**9,
-    }
+    # dp = 1, no ZeRO, no optimizer: only the module weights are loaded; precision "fp32" adds no
+    # mixed-precision block, so DeepSpeed keeps the module in the dtype it is built in (below).
+    # The DeepSpeed config sets the gather flag that lets accelerator.get_state_dict consolidate
+    # the AutoTP shards.
+    topo = Topology(world_size=world, tp_size=world, rank=rank)
+    ds_config = build_deepspeed_config(cfg, topo, "fp32", zero_stage=0)
     accelerator = Accelerator(
         deepspeed_plugin=make_deepspeed_plugin(ds_config),
-        # No mixed precision: DeepSpeed then keeps the module in the dtype it is built in (below).
         mixed_precision="no",
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
     )
@@ -269,7 +259,7 @@ def _export_worker(
     # memory). Every weight is overwritten by the checkpoint (strict load): skip the random init.
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(
-            mconf, dtype=_DTYPES[load_dtype], trust_remote_code=cfg.model.trust_remote_code
+            mconf, dtype=DTYPES[load_dtype], trust_remote_code=cfg.model.trust_remote_code
         )
     engine = accelerator.prepare(model)
     loaded, _ = engine.load_checkpoint(
@@ -282,19 +272,8 @@ def _export_worker(
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}/{MODEL_TAG}")
     engine.eval()
-    export_hf(accelerator, engine, None, out, dtype=_DTYPES[out_dtype])
+    export_hf(accelerator, engine, None, out, dtype=DTYPES[out_dtype])
     accelerator.end_training()
-
-
-def _quiet() -> None:
-    if os.environ.get("ACCEL_TP_VERBOSE"):
-        return
-    import logging
-    import warnings
-
-    for name in ("accelerate", "DeepSpeed", "deepspeed", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 
 
 def export_checkpoint(
@@ -314,8 +293,8 @@ def export_checkpoint(
     info = inspect_checkpoint(checkpoint)
     out = Path(out_dir).expanduser()
     _check_out_dir(out, info.path, overwrite)
-    if dtype != "auto" and dtype not in _DTYPES:
-        raise ConfigError(f"--dtype: {dtype!r} is not one of {['auto', *_DTYPES]}.")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not one of {['auto', *DTYPES]}.")
     if config is not None:
         cfg = load_config(config, overrides)
     elif info.run_config is not None:
@@ -325,9 +304,6 @@ def export_checkpoint(
             f"--config: {str(info.path)!r} does not record its run config ({RUN_CONFIG_FILE}); pass the "
             "run's YAML with --config, and the --set overrides it was trained with."
         )
-    from .model import load_tokenizer, model_config
-    from .trainer import model_fingerprint
-
     tokenizer = load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
     mconf = model_config(cfg.model, len(tokenizer))
     saved, built = info.train_state.get("model"), model_fingerprint(mconf)
@@ -349,7 +325,7 @@ def export_checkpoint(
             _export_worker,
             args=(
                 info.tp_size,
-                _free_port(),
+                free_port(),
                 cfg,
                 len(tokenizer),
                 str(info.path),
@@ -368,38 +344,3 @@ def export_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """scripts/export_hf.py: parse the arguments and run export_checkpoint."""
-    p = argparse.ArgumentParser(
-        description="Write a consolidated Hugging Face model (safetensors, config.json, tokenizer) from an "
-        "accel-tp checkpoint (TP shards and ZeRO partitions; local or Ray run)."
-    )
-    p.add_argument(
-        "--checkpoint", required=True, help="a checkpoint folder, e.g. .../checkpoints/step_00000500"
-    )
-    p.add_argument("--out", required=True, help="folder to write the model to (new or empty)")
-    p.add_argument(
-        "--config",
-        default=None,
-        help="the run's YAML; default: the config recorded in the checkpoint (accel_tp_config.yaml)",
-    )
-    add_set_argument(p)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", *_DTYPES],
-        help="weights' dtype in the export (auto: the training precision)",
-    )
-    args = p.parse_args(argv)
-    try:
-        out = export_checkpoint(
-            args.checkpoint, args.out, args.config, args.overrides, args.overwrite, args.dtype
-        )
-    except ConfigError as e:
-        print(f"accel-tp: export error: {e}", file=sys.stderr)
-        return 2
-    print(f"[accel-tp] exported {args.checkpoint} -> {out}")
-    return 0

@@ -4,40 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, config_from_dict
+from .env import worker_env
+from .model import model_config
+from .parallel import Topology, check_tp_heads
+from .parallelize import check_device_support
+from .trainer import run_worker
 
 __all__ = ["preflight", "check_writable", "run_ray", "run_local"]
 
 
-_ALLOC_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-
-
-def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The CUDA caching-allocator settings a process should get: the user's own (either name;
-    torch >= 2.9 reads PYTORCH_ALLOC_CONF, the older name wins when both are set), else
-    expandable_segments, measured +14 % tokens/s and no fragmentation OOM at large micro-batches
-    (docs/performance.md)."""
-    mine = {n: environ[n] for n in _ALLOC_NAMES if n in environ}
-    return mine or {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-
-
-def set_allocator_default() -> None:
-    """Apply allocator_env to this process (before CUDA initialises)."""
-    os.environ.update(allocator_env(os.environ))
-
-
 def preflight(cfg: Config, world_size: int | None = None) -> None:
     """Checks that need no worker: layout against world size and the model's heads, sequence length."""
-    from .model import model_config
-    from .parallel import Topology, check_tp_heads
-
     par = cfg.parallelism
-    if cfg.model.liger_kernel and cfg.ray.device == "cpu":
-        raise ConfigError("model.liger_kernel: Liger's kernels are Triton (GPU) kernels; ray.device is cpu.")
+    if cfg.ray.device == "cpu":
+        check_device_support(cfg.model, "cpu")
     if world_size is not None:
         Topology.from_config(cfg, world_size)
     # The vocab only matters for random-init shapes and does not affect the head checks.
@@ -66,8 +50,6 @@ def check_writable(path: str | Path, field: str) -> None:
 
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
-    from .trainer import run_worker
-
     metrics_path = loop_config.get("metrics_path")
     run_worker(
         config_from_dict(loop_config["config"]),
@@ -104,16 +86,9 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         # Workers import accel_tp from where the driver did, also when it is not pip-installed.
         pkg_root = str(Path(__file__).resolve().parents[1])
         pythonpath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
-        env = {
-            "env_vars": {
-                "ACCELERATE_USE_DEEPSPEED": "true",
-                "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONPATH": pythonpath,
-            }
-        }
-        # Workers initialise CUDA before our code runs: the allocator default goes in their env
-        # (less fragmentation at large micro-batches; the user's own setting, either name, wins).
-        env["env_vars"].update(allocator_env(os.environ))
+        # Workers initialise CUDA before our code runs: the worker environment (DeepSpeed switch,
+        # allocator default) goes into their runtime env.
+        env = {"env_vars": {**worker_env(os.environ), "PYTHONPATH": pythonpath}}
         # A local instance gets enough logical CPUs for the worker group even on a small machine
         # (CPU workers then share cores); a cluster reports what it has.
         local = {"num_cpus": max(os.cpu_count() or 1, cpus_needed + 1)} if address is None else {}
@@ -126,11 +101,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             f"but the Ray cluster has {resources.get('CPU', 0):g} CPUs; lower ray.cpus_per_worker."
         )
     use_gpu = cfg.ray.device == "gpu" or (cfg.ray.device == "auto" and gpus > 0)
-    if cfg.model.liger_kernel and not use_gpu:
-        raise ConfigError(
-            "model.liger_kernel: Liger's kernels are Triton (GPU) kernels and this run's workers are CPU "
-            f"workers (ray.device: {cfg.ray.device}, the Ray cluster has {int(gpus)} GPUs); set it false."
-        )
+    check_device_support(cfg.model, "cuda" if use_gpu else "cpu")
     if use_gpu and gpus < world_size:
         raise ConfigError(
             f"ray.device: {world_size} GPU workers need {world_size} GPUs; the Ray cluster has {int(gpus)}. "
@@ -166,8 +137,6 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
 
 def run_local(cfg: Config) -> dict[str, Any]:
     """One worker of an `accelerate launch` (or torchrun) job."""
-    from .trainer import run_worker
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         preflight(cfg, world_size)

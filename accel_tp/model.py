@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import ConfigError, ModelSection
 
 __all__ = [
@@ -14,8 +12,7 @@ __all__ = [
     "model_config",
     "build_model",
     "architecture_config",
-    "apply_liger_kernels",
-    "compile_decoder_layers",
+    "model_fingerprint",
 ]
 
 # Shapes for random-init models. The Qwen entries copy the published configs' shapes.
@@ -132,108 +129,8 @@ def build_model(section: ModelSection, config: Any, seed: int) -> Any:
     return model
 
 
-# Liger's fused loss works through the tokens in chunks of about
-# chunk_mem x hidden / vocab rows and adds each chunk's lm_head gradient into one buffer. Its default
-# (1) cuts a 49k-token micro-batch into 96 chunks of 512 rows: skinny GEMMs, and the whole
-# 151,936 x 896 gradient buffer is read and written 96 times. 8 gives 12 chunks of 4,096 rows
-# (~1.2 GiB of bf16 logits per chunk). On an H100, 49k tokens: 80.6 ms per forward + backward with
-# fp32 gradient sums, against 90.6 ms for Liger's own setting (1, bf16 sums); docs/performance.md.
-FUSED_LOSS_CHUNK_MEM = 8
-
-
-def apply_liger_kernels(
-    model: Any, fused_linear_cross_entropy: bool, layer_kernels: bool = True
-) -> list[str]:
-    """Swap in Liger's Triton kernels on this model instance (GPU only); returns their names.
-
-    `fused_linear_cross_entropy` computes the loss from the last hidden states and the lm_head
-    weight in chunks, so the (tokens x vocab) logits are never stored; it reads lm_head.weight
-    directly and is only correct when that weight is whole (not vocab-sharded by tensor parallelism).
-    """
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError as e:
-        raise ConfigError(
-            f"model.liger_kernel: liger-kernel is not importable ({e}); pip install liger-kernel "
-            "(needs a GPU and triton) or set model.liger_kernel: false."
-        ) from e
-    # Liger only logs (at info level) for a model type it does not know; refuse instead.
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        raise ConfigError(
-            f"model.liger_kernel: Liger has no kernels for model type {model_type!r}; set it false."
-        )
-    if layer_kernels:
-        _apply_liger_kernel_to_instance(
-            model=model, fused_linear_cross_entropy=False, rope=True, rms_norm=True, swiglu=True
-        )
-    applied = []
-    if fused_linear_cross_entropy:
-        # Our own forward rather than Liger's: its Transformers integration leaves the lm_head
-        # gradient accumulating in the weight's dtype (bf16) and its chunks small.
-        model.forward = _fused_loss_forward(model, liger_fused_linear_cross_entropy)
-        applied.append("fused linear cross-entropy")
-    return applied + (["RMSNorm", "RoPE", "SwiGLU"] if layer_kernels else [])
-
-
-def _fused_loss_forward(model: Any, fused_loss: Any) -> Any:
-    """A forward for `model` that, in training with labels, returns only the loss, computed by
-    `fused_loss` from the final hidden states (Hugging Face's causal-LM loss: labels shifted by one,
-    -100 ignored, summed over tokens and divided by `num_items_in_batch` when given, else the mean).
-    In eval mode or without labels the model's own forward runs, so evaluation and the export
-    check get logits (as with Liger's own integration)."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    full_forward = model.forward
-    base = getattr(model, model.base_model_prefix)
-
-    def forward(
-        input_ids: Any = None, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any
-    ) -> Any:
-        if labels is None or not model.training:
-            return full_forward(
-                input_ids=input_ids, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs
-            )
-        hidden = base(input_ids=input_ids, **kwargs).last_hidden_state
-        target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-        loss = fused_loss(
-            hidden.reshape(-1, hidden.shape[-1]),
-            model.lm_head.weight,
-            target.reshape(-1).to(hidden.device),
-            bias=model.lm_head.bias,
-            reduction="mean" if num_items_in_batch is None else "sum",
-            # fp32 sum of the per-chunk lm_head gradients (cast to the weight's dtype once at the end).
-            accum_dtype=torch.float32,
-            chunk_mem_const=FUSED_LOSS_CHUNK_MEM,
-        )
-        if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
-        return CausalLMOutputWithPast(loss=loss)
-
-    return forward
-
-
-def decoder_layers(model: Any) -> Any:
-    """The model's list of transformer blocks (Hugging Face decoder-only layout)."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ConfigError(
-            f"model.compile: cannot find the decoder layers of {type(model).__name__} "
-            "(expected <model>.model.layers); set model.compile: false."
-        )
-    return layers
-
-
-def compile_decoder_layers(model: Any) -> int:
-    """torch.compile each decoder layer in place; the embedding and loss stay eager.
-
-    Layer by layer rather than the whole model: one graph is compiled once and reused by every
-    layer, the compile time stays short, and DeepSpeed's hooks on the model are untouched.
-    """
-    layers = decoder_layers(model)
-    for layer in layers:
-        layer.compile()
-    return len(layers)
+def model_fingerprint(mconf: Any) -> str:
+    """The model's type and tensor shapes, to tell its checkpoints from another model's."""
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    shape = "-".join(str(getattr(mconf, k, "?")) for k in keys)
+    return f"{mconf.model_type}:{shape}:kv{getattr(mconf, 'num_key_value_heads', '?')}"

@@ -111,12 +111,18 @@ def global_batch_size(cfg: Config, topo: Topology) -> int:
     return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * topo.dp_size
 
 
-def build_deepspeed_config(cfg: Config, topo: Topology, precision: str) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run."""
+def build_deepspeed_config(
+    cfg: Config, topo: Topology, precision: str, zero_stage: int | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run: training, the export and the benchmark's accel arm.
+
+    `zero_stage` overrides deepspeed.zero_stage (the export loads module weights only: stage 0,
+    precision "fp32" so DeepSpeed keeps the module in the dtype it was built in).
+    """
     ds = cfg.deepspeed
     tr = cfg.train
     zero: dict[str, Any] = {
-        "stage": ds.zero_stage,
+        "stage": ds.zero_stage if zero_stage is None else zero_stage,
         "overlap_comm": ds.overlap_comm,
         "contiguous_gradients": ds.contiguous_gradients,
         "reduce_bucket_size": ds.reduce_bucket_size,

@@ -7,7 +7,6 @@ data parallelism give exactly the gradient of one big batch, whatever the paddin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -20,10 +19,12 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer, LocalCheckpointer, RayCheckpointer, TrainState
-from .config import Config, ConfigError
+from .config import Config
 from .data import ShardedLoader, eval_batches, load_or_build_tokenized, prepare_dataloader
-from .launch import set_allocator_default
-from .model import apply_liger_kernels, build_model, compile_decoder_layers, load_tokenizer, model_config
+from .env import apply_worker_env, quiet_libraries
+from .export import export_hf
+from .metrics import MetricsLog, flat_config, flops_per_token, mfu, peak_bf16_flops, plot_losses, summary_line
+from .model import build_model, load_tokenizer, model_config, model_fingerprint
 from .parallel import (
     Topology,
     build_deepspeed_config,
@@ -32,8 +33,22 @@ from .parallel import (
     make_deepspeed_plugin,
     resolve_precision,
 )
+from .parallelize import apply_after_sharding, apply_before_sharding, check_device_support
 
-__all__ = ["Runtime", "setup", "train_step", "train_loop", "run_worker", "lr_lambda", "param_groups"]
+__all__ = [
+    "Runtime",
+    "setup",
+    "build_accelerator",
+    "build_tokenizer",
+    "build_data",
+    "build_checkpointer",
+    "build_model_and_optimizer",
+    "train_step",
+    "train_loop",
+    "run_worker",
+    "lr_lambda",
+    "param_groups",
+]
 
 
 def lr_lambda(cfg: Config, total_steps: int):  # -> Callable[[int], float]
@@ -77,37 +92,22 @@ class Runtime:
     checkpointer: Checkpointer
     total_steps: int
     precision: str
-    metrics_path: Path | None
+    log: MetricsLog
     eval_data: list[dict[str, torch.Tensor]] | None = None
     tokenizer: Any = None
     flops_per_token: float = 0.0
     n_params: int = 0  # of the whole (unsharded) model
     peak_flops: float | None = None
 
-
-def _device_info() -> tuple[str, bool]:
-    if torch.cuda.is_available():
-        return "cuda", torch.cuda.is_bf16_supported()
-    return "cpu", False
+    @property
+    def metrics_path(self) -> Path | None:
+        return self.log.path
 
 
 def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
     return max(1, (batches_per_epoch * cfg.train.epochs) // cfg.train.grad_accum_steps)
-
-
-def _quiet_libraries() -> None:
-    """Keep worker output to our progress and errors (ACCEL_TP_VERBOSE=1 shows the libraries' info logs)."""
-    if os.environ.get("ACCEL_TP_VERBOSE"):
-        return
-    import logging
-    import warnings
-
-    for name in ("accelerate", "DeepSpeed", "deepspeed", "datasets", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # DeepSpeed 0.19 still calls this torch API; the warning repeats on every rank.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 
 
 def output_dir(cfg: Config, under_ray: bool, metrics_path: Path | None) -> Path:
@@ -117,73 +117,61 @@ def output_dir(cfg: Config, under_ray: bool, metrics_path: Path | None) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
 
 
-def _flat_config(cfg: Config) -> dict[str, Any]:
-    """Scalar `section.key` values, as trackers' hyper-parameter tables want them."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+# ------------------------------------------------------------------------------------------------
+# Set-up, in named stages. `setup` validates what it can before touching the process environment,
+# then builds in dependency order: accelerator (process group, DeepSpeed plugin), tokenizer, data,
+# checkpointer (which refuses an incompatible checkpoint before the model is built), model and
+# optimizer.
 
 
-def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Runtime:
-    """Build accelerator, model, optimizer, scheduler, loader and checkpointer for this worker."""
-    _quiet_libraries()
-    # Accelerate picks DeepSpeed from the environment; without it a CPU Accelerator drops to DDP.
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+def build_accelerator(cfg: Config, run_dir: Path) -> tuple[Any, Topology, str]:
+    """Accelerate's Accelerator with our DeepSpeed plugin; the rank's topology and the precision."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available
 
-    # Before CUDA initialises (Ray workers get it from the runtime env, see launch.run_ray).
-    set_allocator_default()
-    device_type, bf16_ok = _device_info()
-    if device_type == "cpu" and cfg.model.attn_implementation in ("flex_attention", "flash_attention_2"):
-        raise ConfigError(
-            f"model.attn_implementation: {cfg.model.attn_implementation} needs a GPU (no CPU backward); "
-            "use sdpa on CPU."
-        )
-    if device_type == "cpu" and cfg.model.liger_kernel:
-        raise ConfigError(
-            "model.liger_kernel: Liger's kernels are Triton (GPU) kernels; set it false on CPU."
-        )
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
     precision = resolve_precision(cfg.deepspeed.precision, device_type, bf16_ok)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    topo = Topology.from_config(cfg, world_size, rank)
-    ds_config = build_deepspeed_config(cfg, topo, precision)
-    run_dir = output_dir(cfg, under_ray, metrics_path)
+    topo = Topology.from_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
     log_with = cfg.train.log_with
     if log_with is None:
-        from accelerate.utils import is_tensorboard_available
-
         log_with = ["tensorboard"] if is_tensorboard_available() else []
     accelerator = Accelerator(
         log_with=log_with or None,
         # Trackers write to <project_dir>/<run name>, i.e. into the run's output folder.
         project_dir=str(run_dir.parent),
-        deepspeed_plugin=make_deepspeed_plugin(ds_config),
+        deepspeed_plugin=make_deepspeed_plugin(build_deepspeed_config(cfg, topo, precision)),
         mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision],
         # We step the scheduler once per optimizer step ourselves; Accelerate would otherwise step
         # it num_processes times per step.
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if device_type == "cuda" else "gloo")],
     )
-    assert accelerator.num_processes == world_size and accelerator.process_index == rank
+    assert accelerator.num_processes == topo.world_size and accelerator.process_index == topo.rank
     if log_with:
-        accelerator.init_trackers(cfg.run.name, config=_flat_config(cfg))
-    set_seed(cfg.run.seed)
+        accelerator.init_trackers(cfg.run.name, config=flat_config(cfg))
+    return accelerator, topo, precision
 
+
+def build_tokenizer(cfg: Config, accelerator: Any, topo: Topology) -> tuple[Any, Any]:
+    """The tokenizer (built once per node: the local main process first) and the model's config."""
     cache_dir = cfg.data.resolved_cache_dir()
-    local_main = accelerator.is_local_main_process
-    # Build the tokenizer (and its cache) on the local main process first.
-    if local_main:
+    if accelerator.is_local_main_process:
         tokenizer = load_tokenizer(cfg.model, cache_dir)
     accelerator.wait_for_everyone()
-    if not local_main:
+    if not accelerator.is_local_main_process:
         tokenizer = load_tokenizer(cfg.model, cache_dir)
     mconf = model_config(cfg.model, len(tokenizer))
     check_tp_heads(topo.tp_size, mconf.num_attention_heads, getattr(mconf, "num_key_value_heads", None))
-    dataset = load_or_build_tokenized(cfg.data, tokenizer, local_main, accelerator.wait_for_everyone)
+    return tokenizer, mconf
+
+
+def build_data(
+    cfg: Config, accelerator: Any, topo: Topology, tokenizer: Any
+) -> tuple[ShardedLoader, list[dict[str, torch.Tensor]] | None]:
+    """This DP rank's training loader and its share of the held-out batches (None: no eval data)."""
+    local_main, barrier = accelerator.is_local_main_process, accelerator.wait_for_everyone
+    dataset = load_or_build_tokenized(cfg.data, tokenizer, local_main, barrier)
     loader = prepare_dataloader(
         dataset,
         topo,
@@ -193,50 +181,39 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         seed=cfg.run.seed,
         pin_memory=accelerator.device.type == "cuda",
     )
-    total_steps = total_steps_for(cfg, loader.batches_per_epoch)
-    eval_ds = load_or_build_tokenized(cfg.data, tokenizer, local_main, accelerator.wait_for_everyone, "eval")
+    eval_ds = load_or_build_tokenized(cfg.data, tokenizer, local_main, barrier, "eval")
     eval_data = None
     if eval_ds is not None:
         eval_mb = cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size
         eval_data = eval_batches(eval_ds, topo, eval_mb, tokenizer.pad_token_id, cfg.data)
+    return loader, eval_data
 
-    state = TrainState(
-        global_batch_size=global_batch_size(cfg, topo),
-        model=model_fingerprint(mconf),
-        layout=f"tp{topo.tp_size}xdp{topo.dp_size}",
-    )
+
+def build_checkpointer(
+    cfg: Config, accelerator: Any, state: TrainState, under_ray: bool, run_dir: Path
+) -> Checkpointer:
+    """Ray's checkpointer under Ray Train, numbered local folders under `accelerate launch`."""
     if under_ray:
-        checkpointer: Checkpointer = RayCheckpointer(accelerator, state, run_config=cfg.to_dict())
-    else:
-        checkpointer = LocalCheckpointer(
-            accelerator,
-            state,
-            run_dir / "checkpoints",
-            cfg.checkpoint.resume_from,
-            cfg.checkpoint.keep_last,
-            cfg.checkpoint.allow_external_resume,
-            run_config=cfg.to_dict(),
-        )
-        metrics_path = metrics_path or run_dir / "metrics.jsonl"
-    checkpointer.precheck()  # a checkpoint of another model or batch fails here, before the model is built
+        return RayCheckpointer(accelerator, state, run_config=cfg.to_dict())
+    return LocalCheckpointer(
+        accelerator,
+        state,
+        run_dir / "checkpoints",
+        cfg.checkpoint.resume_from,
+        cfg.checkpoint.keep_last,
+        cfg.checkpoint.allow_external_resume,
+        run_config=cfg.to_dict(),
+    )
 
+
+def build_model_and_optimizer(
+    cfg: Config, accelerator: Any, topo: Topology, mconf: Any, total_steps: int
+) -> tuple[Any, Any, Any, int]:
+    """The DeepSpeed engine (AutoTP-sharded, ZeRO-partitioned), its optimizer and LR scheduler, and
+    the unsharded model's parameter count."""
     model = build_model(cfg.model, mconf, cfg.run.seed)
-    levers = []
-    if cfg.model.liger_kernel:
-        # Under AutoTP the lm_head is vocab-sharded; the fused loss would read one shard as the whole.
-        # With model.compile the compiler fuses norms, rotary and SwiGLU itself, and measured faster
-        # than Liger's kernels inside the compiled layers (docs/performance.md); Liger then adds only
-        # the fused linear cross-entropy.
-        kernels = apply_liger_kernels(
-            model,
-            fused_linear_cross_entropy=topo.tp_size == 1,
-            layer_kernels=not cfg.model.compile,
-        )
-        levers.append(f"Liger ({', '.join(kernels)})")
-    if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    levers = apply_before_sharding(model, cfg, topo.tp_size)
     n_params = sum(p.numel() for p in model.parameters())
-    flops = flops_per_token(mconf, n_params, cfg.data.seq_length)
     tr = cfg.train
     optimizer = torch.optim.AdamW(
         param_groups(model, tr.weight_decay),
@@ -246,20 +223,48 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         fused=tr.fused_optimizer,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.model.compile:
-        # After prepare: AutoTP has swapped in its sharded linears, which the compiled graphs include.
-        levers.append(f"compiled {compile_decoder_layers(model.module)} decoder layers")
+    levers += apply_after_sharding(model.module, cfg)
     if levers and accelerator.is_main_process:
         print(f"[accel-tp] speed levers: {'; '.join(levers)}", flush=True)
     # Built on the prepared optimizer (DeepSpeed's ZeRO optimizer owns the param groups that step)
     # and checkpointed as a registered object: under DeepSpeed, Accelerate neither wraps nor saves
     # a scheduler prepared on its own.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-
-    accelerator.register_for_checkpointing(state, scheduler)
     # from_pretrained leaves the model in eval mode (no dropout, and Liger's fused loss only runs
     # in training mode); train_step must always see training mode.
     model.train()
+    return model, optimizer, scheduler, n_params
+
+
+def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Runtime:
+    """Build accelerator, data, checkpointer, model, optimizer and scheduler for this worker."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device_support(cfg.model, device_type)  # before anything is set or built
+    quiet_libraries()
+    # Ray workers get these from the runtime env already (launch.run_ray); `accelerate launch`
+    # and torchrun workers get them here, before CUDA initialises.
+    apply_worker_env()
+    from accelerate.utils import set_seed
+
+    run_dir = output_dir(cfg, under_ray, metrics_path)
+    accelerator, topo, precision = build_accelerator(cfg, run_dir)
+    set_seed(cfg.run.seed)
+    tokenizer, mconf = build_tokenizer(cfg, accelerator, topo)
+    loader, eval_data = build_data(cfg, accelerator, topo, tokenizer)
+    total_steps = total_steps_for(cfg, loader.batches_per_epoch)
+    state = TrainState(
+        global_batch_size=global_batch_size(cfg, topo),
+        model=model_fingerprint(mconf),
+        layout=f"tp{topo.tp_size}xdp{topo.dp_size}",
+    )
+    checkpointer = build_checkpointer(cfg, accelerator, state, under_ray, run_dir)
+    if not under_ray:
+        metrics_path = metrics_path or run_dir / "metrics.jsonl"
+    checkpointer.precheck()  # a checkpoint of another model or batch fails here, before the model is built
+    model, optimizer, scheduler, n_params = build_model_and_optimizer(
+        cfg, accelerator, topo, mconf, total_steps
+    )
+    accelerator.register_for_checkpointing(state, scheduler)
     return Runtime(
         cfg=cfg,
         topo=topo,
@@ -272,36 +277,13 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         checkpointer=checkpointer,
         total_steps=total_steps,
         precision=precision,
-        metrics_path=metrics_path,
+        log=MetricsLog(metrics_path, accelerator.is_main_process),
         eval_data=eval_data,
         tokenizer=tokenizer,
-        flops_per_token=flops,
+        flops_per_token=flops_per_token(mconf, n_params, cfg.data.seq_length),
         n_params=n_params,
         peak_flops=peak_bf16_flops() if device_type == "cuda" else None,
     )
-
-
-def model_fingerprint(mconf: Any) -> str:
-    """The model's type and tensor shapes, to tell its checkpoints from another model's."""
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    shape = "-".join(str(getattr(mconf, k, "?")) for k in keys)
-    return f"{mconf.model_type}:{shape}:kv{getattr(mconf, 'num_key_value_heads', '?')}"
-
-
-def flops_per_token(mconf: Any, n_params: int, seq_length: int) -> float:
-    """Training FLOPs per token: 6 x parameters (forward + backward matmuls, embeddings included,
-    the usual convention) + 12 x layers x hidden x seq_length for attention scores and values
-    (an upper bound with packed or short rows)."""
-    return 6.0 * n_params + 12.0 * mconf.num_hidden_layers * mconf.hidden_size * seq_length
-
-
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device-name substring.
-_PEAKS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12))
-
-
-def peak_bf16_flops() -> float | None:
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in _PEAKS if key in name), None)
 
 
 def evaluate(rt: Runtime) -> dict[str, float]:
@@ -390,24 +372,6 @@ def _micro_batch_groups(stream: Iterator[tuple[int, dict]], ga: int) -> Iterator
         yield group[-1][0], [b for _, b in group]
 
 
-def _log(rt: Runtime, metrics: dict[str, Any]) -> None:
-    if rt.metrics_path is not None and rt.accelerator.is_main_process:
-        rt.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(rt.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-
-
-def _trim_metrics(rt: Runtime, start: int) -> None:
-    """A fresh run starts a new metrics file; a resumed one drops lines past its checkpoint."""
-    path = rt.metrics_path
-    if path is None or not rt.accelerator.is_main_process or not path.exists():
-        return
-    keep = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 def _report(under_ray: bool, metrics: dict[str, Any]) -> None:
     if under_ray:
         import ray.train
@@ -423,7 +387,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         # The optimizer must step with the restored schedule's rate, not the fresh one's.
         for group, lr in zip(rt.optimizer.param_groups, rt.scheduler.get_last_lr()):
             group["lr"] = lr
-    _trim_metrics(rt, start)
+    rt.log.trim(start)
     ga = cfg.train.grad_accum_steps
     gbs = state.global_batch_size
     if acc.is_main_process:
@@ -469,7 +433,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         }
         if rt.peak_flops:
             # Real tokens only: padding does not count as useful work.
-            metrics["mfu"] = stats["tokens"] * rt.flops_per_token / dt / (rt.peak_flops * rt.topo.world_size)
+            metrics["mfu"] = mfu(stats["tokens"] / dt, rt.flops_per_token, rt.peak_flops, rt.topo.world_size)
         if torch.cuda.is_available():
             metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         acc.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
@@ -491,7 +455,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         )
         log = state.step % cfg.train.log_every == 0 or last or "eval_loss" in metrics
         if log or save:
-            _log(rt, metrics)
+            rt.log.append(metrics)
         if save:
             last_ckpt = (
                 rt.checkpointer.save(state.step, metrics) or f"step_{state.step:08d} (reported to Ray)"
@@ -504,8 +468,6 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     acc.wait_for_everyone()
     exported = None
     if cfg.checkpoint.export_hf and rt.metrics_path is not None:
-        from .export import export_hf
-
         # One row of a training batch to check the export against (a whole micro-batch's fp32
         # logits can be tens of GiB with a large vocabulary).
         probe = {k: v[:1] for k, v in next(iter(rt.loader.loader)).items() if not k.startswith("_")}
@@ -513,31 +475,6 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     if acc.is_main_process:
         _finish(rt, metrics, time.perf_counter() - t_start, state.tokens - tokens_start, last_ckpt, exported)
     return metrics
-
-
-def plot_losses(metrics_path: Path, out: Path) -> Path | None:
-    """loss.png: train and eval loss against tokens seen (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["tokens_seen"] for r in rows], [r["loss"] for r in rows], label="train loss")
-    ev = [r for r in rows if "eval_loss" in r]
-    if ev:
-        ax.plot([r["tokens_seen"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval loss")
-    ax.set_xlabel("tokens seen (real, all DP ranks)")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def _finish(
@@ -552,13 +489,7 @@ def _finish(
     plot = None
     if rt.metrics_path is not None and rt.metrics_path.exists():
         plot = plot_losses(rt.metrics_path, rt.metrics_path.parent / "loss.png")
-    ppl = f"{metrics['eval_ppl']:.2f}" if "eval_ppl" in metrics else "n/a (no eval data)"
-    print(
-        f"[accel-tp] done: {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s incl. "
-        f"eval and saving), final eval ppl {ppl}; checkpoint: {checkpoint or 'none saved'}; "
-        f"plot: {plot or 'n/a'}; export: {export or 'none (checkpoint.export_hf: false)'}",
-        flush=True,
-    )
+    print(summary_line(metrics, seconds, tokens, checkpoint, plot, export), flush=True)
 
 
 def run_worker(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ docs/performance.md for the numbers and what each setting gave.
 
 import sys
 
-from accel_tp.bench import main
+from accel_tp.tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ python scripts/comm_bench.py --config accelerate_configs/tp2_dp2.yaml --nproc 4 
 
 import sys
 
-from accel_tp.commbench import main
+from accel_tp.tools.commbench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@ python scripts/export_hf.py --checkpoint outputs/<run>/checkpoints/step_00000500
 
 import sys
 
-from accel_tp.export import main
+from accel_tp.cli import main_export as main
 
 if __name__ == "__main__":
     sys.exit(main())

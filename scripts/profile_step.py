@@ -8,7 +8,7 @@ that was running; the chrome trace opens in Perfetto. See docs/performance.md.
 
 import sys
 
-from accel_tp.profile import main
+from accel_tp.tools.profile import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from accel_tp import bench
 from accel_tp.config import load_config
 from accel_tp.data import load_or_build_tokenized, prepare_dataloader
 from accel_tp.model import load_tokenizer
 from accel_tp.parallel import Topology
+from accel_tp.tools import bench
 
 from .mp_utils import ROOT, TINY
 

@@ -1,4 +1,4 @@
-"""accel_tp.commbench: the TP traffic formula against the collectives real DeepSpeed AutoTP issues
+"""accel_tp.tools.commbench: the TP traffic formula against the collectives real DeepSpeed AutoTP issues
 (gloo, 4 processes), and a CPU run of scripts/comm_bench.py (bandwidths are never asserted)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from accel_tp.commbench import predict_ms, tp_traffic
+from accel_tp.tools.commbench import predict_ms, tp_traffic
 
 from .mp_utils import ROOT, TINY, torchrun
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from accel_tp.checkpoint import RUN_CONFIG_FILE, LocalCheckpointer, TrainState
+from accel_tp.cli import main_export as main
 from accel_tp.config import load_config
-from accel_tp.export import inspect_checkpoint, main
+from accel_tp.export import inspect_checkpoint
 
 from .mp_utils import TINY
 

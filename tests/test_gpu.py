@@ -100,7 +100,7 @@ def test_fused_loss_lm_head_gradient_in_bf16():
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from accel_tp.model import apply_liger_kernels
+    from accel_tp.parallelize import apply_liger_kernels
 
     torch.manual_seed(0)
     cfg = Qwen2Config(

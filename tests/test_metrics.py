@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from accel_tp.config import config_from_dict
+from accel_tp.metrics import flat_config as _flat_config
+from accel_tp.metrics import flops_per_token, plot_losses
 from accel_tp.model import architecture_config
-from accel_tp.trainer import _flat_config, flops_per_token, plot_losses
 
 
 def test_flops_per_token_formula():

@@ -200,7 +200,7 @@ def _unfused_loss(h, w, target, bias=None, reduction="mean", accum_dtype=None, c
 def test_fused_loss_forward_matches_hf_loss(num_items: float | None) -> None:
     """Same loss and gradients as Hugging Face's own causal-LM loss: shifted labels, -100
     ignored, per-token sum / num_items_in_batch (or the mean), packed-row position_ids passed on."""
-    from accel_tp.model import _fused_loss_forward
+    from accel_tp.parallelize import _fused_loss_forward
 
     torch.manual_seed(0)
     cfg = Qwen2Config(**{**TINY_QWEN2, "tie_word_embeddings": True})

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from accel_tp.profile import idle_gaps
+from accel_tp.tools.profile import idle_gaps
 
 from .mp_utils import ROOT, TINY
 

@@ -1,5 +1,5 @@
 """torchrun worker: count the collectives AutoTP issues on the TP group in one forward + backward
-(real DeepSpeed, gloo) and write them, with accel_tp.commbench's prediction, to a JSON report."""
+(real DeepSpeed, gloo) and write them, with accel_tp.tools.commbench's prediction, to a JSON report."""
 
 import json
 import sys
@@ -8,8 +8,8 @@ import deepspeed.comm as ds_comm
 import torch
 import torch.distributed as dist
 
-from accel_tp.commbench import tp_traffic
 from accel_tp.config import load_config
+from accel_tp.tools.commbench import tp_traffic
 from accel_tp.trainer import setup
 
 

@@ -27,7 +27,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .cli import add_set_argument
+from ..cli import add_set_argument
+from ..config import load_config
+from ..env import free_port
+from ..model import load_tokenizer, model_config
 
 __all__ = ["TPTraffic", "tp_traffic", "measure", "main"]
 
@@ -154,9 +157,6 @@ def worker_main(args: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from .config import load_config
-    from .model import load_tokenizer, model_config
-
     cfg = load_config(args["config"], args["overrides"])
     tp = cfg.parallelism.tp_size
     cuda = torch.cuda.is_available()
@@ -201,9 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    from .bench import _free_port
-    from .config import load_config
-
     load_config(a.config, a.overrides)  # fail here on a bad YAML, not in the workers
     spec = {
         "config": a.config,
@@ -213,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}",
-        f"--master_port={_free_port()}", "-m", "accel_tp.commbench", "--worker", json.dumps(spec),
+        f"--master_port={free_port()}", "-m", "accel_tp.tools.commbench", "--worker", json.dumps(spec),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith(_RESULT)), None)

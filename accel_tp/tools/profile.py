@@ -17,7 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .cli import add_set_argument
+from ..cli import add_set_argument
+from ..config import load_config
+from ..env import apply_worker_env, free_port, single_process_env
+from .common import measurement_overrides
 
 __all__ = ["idle_gaps", "profile_steps", "main"]
 
@@ -115,7 +118,7 @@ def profile_steps(cfg: Any, warmup: int, steps: int, trace_path: Path) -> dict[s
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from .trainer import setup, train_step
+    from ..trainer import setup, train_step
 
     rt = setup(cfg, under_ray=False)
     stream = rt.loader.stream()
@@ -154,14 +157,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bench import _free_port, measurement_overrides, single_process_env
-    from .config import load_config
-    from .launch import set_allocator_default
-
     args = parse_args(argv)
-    set_allocator_default()  # the allocator setting training and the bench use
+    apply_worker_env()  # the allocator setting training and the bench use
     # One process, its own rendezvous (unless launched under torchrun).
-    for key, value in single_process_env(_free_port()).items():
+    for key, value in single_process_env(free_port()).items():
         os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory(prefix="accel_tp_profile_") as workdir:
         overrides = [*args.overrides, "parallelism.dp_size=1"]

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,8 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import add_set_argument
-from .launch import allocator_env
+from ..cli import add_set_argument
+from ..config import load_config
+from ..env import allocator_env, free_port, single_process_env, worker_env
+from ..metrics import FLOPS_FORMULA, flops_per_token, mfu, peak_bf16_flops
+from .common import measurement_overrides
 
 __all__ = ["main", "worker_main", "format_table"]
 
@@ -147,10 +149,9 @@ def _reference_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float],
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .data import load_or_build_tokenized, prepare_dataloader
-    from .model import load_tokenizer, model_config
-    from .parallel import Topology, resolve_precision
-    from .trainer import flops_per_token, peak_bf16_flops
+    from ..data import load_or_build_tokenized, prepare_dataloader
+    from ..model import load_tokenizer, model_config
+    from ..parallel import Topology, resolve_precision
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
@@ -176,6 +177,8 @@ def _reference_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float],
     model = AutoModelForCausalLM.from_config(mconf, dtype=dtype)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=tr.learning_rate, weight_decay=tr.weight_decay)
+    # The tutorial's own DeepSpeed dict, on purpose not accel-tp's build_deepspeed_config: this arm
+    # measures the loop as the tutorial writes it (the accel arm uses the one builder via setup).
     ds_config: dict[str, Any] = {
         "train_batch_size": tr.micro_batch_size * tr.grad_accum_steps * world,
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
@@ -228,7 +231,7 @@ def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dic
     """accel-tp's full stack: the same setup() and train_step() that training runs."""
     import torch
 
-    from .trainer import setup, train_step
+    from ..trainer import setup, train_step
 
     rt = setup(cfg, under_ray=False)
     stream = rt.loader.stream()
@@ -259,8 +262,6 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
     """Run one arm; returns (and rank 0 prints) its result row."""
     import torch
     import torch.distributed as dist
-
-    from .config import load_config
 
     cfg = load_config(spec["config"], spec["overrides"])
     arm = _reference_arm if spec["kind"] == "reference" else _accel_arm
@@ -301,7 +302,7 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         "tokens_per_s_per_gpu": tok_s / topo.world_size,
         "real_fraction": real / positions,
         "tflops_per_gpu": tok_s * info["flops_per_token"] / topo.world_size / 1e12,
-        "mfu": (tok_s * info["flops_per_token"] / topo.world_size / info["peak_flops"])
+        "mfu": mfu(tok_s, info["flops_per_token"], info["peak_flops"], topo.world_size)
         if info["peak_flops"]
         else None,
         "peak_gib": peak,
@@ -321,32 +322,14 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
 # Driver side: build the arms, run each in a subprocess, print the table.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def single_process_env(port: int) -> dict[str, str]:
-    """The torch.distributed environment of a one-process world (what torchrun would set)."""
-    return dict(
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-
-
 def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
     """One arm in a fresh process tree; a failure becomes a row with its error, not a crash."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Every arm gets the allocator setting accel-tp gives its own runs (or the user's, if set).
-    env.update(allocator_env(env))
-    payload = ["-m", "accel_tp.bench", "--worker", json.dumps(spec)]
+    # Every arm gets the environment accel-tp gives its own workers (allocator default, or the
+    # user's own setting).
+    env.update(worker_env(env))
+    payload = ["-m", "accel_tp.tools.bench", "--worker", json.dumps(spec)]
     if nproc == 1:
         env.update(single_process_env(port))
         cmd = [sys.executable, *payload]
@@ -403,28 +386,8 @@ def _parse_variant(text: str) -> tuple[str, list[str]]:
     return name.strip(), sets.split()
 
 
-def measurement_overrides(output_dir: Path, max_steps: int) -> list[str]:
-    """Settings for timing a run's steps: no logging, evaluation, checkpoints or LR warm-up."""
-    return [
-        f"run.output_dir={output_dir}",
-        "train.log_with=[]",
-        "train.progress_bar=false",
-        "train.eval_every=0",
-        "data.eval_fraction=0",
-        "data.eval_split=null",
-        "checkpoint.every_steps=0",
-        "checkpoint.at_end=false",
-        "checkpoint.export_hf=false",
-        "checkpoint.resume_from=null",
-        f"train.max_steps={max_steps}",
-        "train.warmup_steps=0",
-    ]
-
-
 def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     """The arm specs, grouped by (shape, seq): reference first, then accel-tp's variants."""
-    from .config import load_config
-
     base_cfg = load_config(args.config, args.overrides)
     base = list(args.overrides)
     tp = base_cfg.parallelism.tp_size
@@ -433,7 +396,7 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     base += [f"parallelism.dp_size={args.nproc // tp}"]
     base += measurement_overrides(workdir / "runs", args.warmup + args.steps + 1)
     if args.corpus == "wikitext-like":
-        from .corpus import wikitext_like
+        from ..corpus import wikitext_like
 
         path = workdir / "wikitext_like.jsonl"
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in wikitext_like(args.docs)))
@@ -632,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "versions": _versions(),
-        "flops_per_token": "6 * params + 12 * layers * hidden * seq",
+        "flops_per_token": FLOPS_FORMULA,
         "allocator": allocator_env(os.environ),  # what every arm runs with
         "rows": [],
     }
