@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .config import ConfigError
+
 __all__ = [
     "TrainState",
     "Checkpointer",
@@ -27,6 +29,7 @@ __all__ = [
     "latest_checkpoint",
     "peek_train_state",
     "check_resume",
+    "check_run_folder",
     "write_run_config",
     "RUN_CONFIG_FILE",
     "HOOK_ENV",
@@ -44,18 +47,27 @@ class TrainState:
     """What the loop needs to continue at the exact step and batch; saved with every checkpoint."""
 
     step: int = 0
-    micro_batches: int = 0  # micro-batches consumed per DP rank since the start of the run
+    # The data position: samples consumed since the start of the run, all DP ranks together
+    # (step x global batch). In samples, not micro-batches, so a resume may split the same global
+    # batch into other micro-batch / accumulation / DP sizes and continue at the same sample.
+    samples: int = 0
     tokens: int = 0  # real (non-padding) tokens seen, all DP ranks together
     global_batch_size: int = 0  # sequences per optimizer step when saved; a resume must match
     model: str = ""  # fingerprint of the model's shape; a resume must match
     layout: str = ""  # "tp2xdp2": DeepSpeed's shards and partitions follow it; a resume must match
+    data: str = ""  # fingerprint of the training data and its order (data_fingerprint); must match
 
     def state_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "samples" not in state and "micro_batches" in state:
+            # Checkpoints before the position was in samples: every step consumed one global batch.
+            state["samples"] = state["step"] * state.get("global_batch_size", 0)
         for k, v in state.items():
-            setattr(self, k, v)
+            if k in self.__dataclass_fields__:
+                setattr(self, k, v)
 
 
 class Checkpointer(Protocol):
@@ -115,6 +127,13 @@ def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) 
             "Resuming on another tp x dp layout is not supported; resume with the original "
             "parallelism.tp_size and dp_size."
         )
+    if saved.get("data") and current.data and saved["data"] != current.data:
+        raise ValueError(
+            f"{where}: checkpoint was trained on other data or another data order (fingerprint "
+            f"{saved['data']}, this run {current.data}: data.source / files / split / percentage / "
+            "seq_length / packing / min_tokens, the tokenizer, run.seed or data.shuffle differ). Resume "
+            "with the data settings it was trained with, or start a new run.name."
+        )
     gbs = saved.get("global_batch_size", 0)
     if gbs and gbs != current.global_batch_size:
         raise ValueError(
@@ -122,6 +141,45 @@ def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) 
             f"{current.global_batch_size} (micro_batch_size x grad_accum_steps x dp_size); the data "
             "position would not line up. Resume with the same batch settings."
         )
+
+
+def check_run_folder(run_dir: str | os.PathLike, resume_from: str | None, run_name: str) -> None:
+    """An `accelerate launch` run never writes over what an earlier run of the same name saved.
+
+    A fresh start (no resume) is refused when the run folder already holds checkpoints or
+    metrics; a resume from an older checkpoint than the run's newest is refused too, since
+    continuing from it would overwrite (and prune) the newer ones.
+    """
+    run_dir = Path(run_dir)
+    steps = sorted(steps_under(run_dir / "checkpoints"))
+    metrics = run_dir / "metrics.jsonl"
+    has_metrics = metrics.is_file() and metrics.stat().st_size > 0
+    if not resume_from and (steps or has_metrics):
+        what = f"checkpoints up to {steps[-1][1].name}" if steps else "metrics.jsonl"
+        raise ConfigError(
+            f"run.name: {run_name!r} already exists in {str(run_dir)!r} ({what}); a fresh run would "
+            "overwrite it. Continue it with --resume latest (checkpoint.resume_from: latest), or pick "
+            "a new run.name."
+        )
+    if resume_from and not steps and has_metrics:
+        raise ConfigError(
+            f"checkpoint.resume_from: {run_name!r} in {str(run_dir)!r} has metrics but no checkpoint to "
+            "resume from; pick a new run.name (or remove that folder)."
+        )
+    if resume_from and resume_from != "latest" and steps:
+        path = Path(resume_from).resolve()
+        newer = [p.name for s, p in steps if p.resolve() != path and s > _step_of(path)]
+        if path.is_relative_to((run_dir / "checkpoints").resolve()) and newer:
+            raise ConfigError(
+                f"checkpoint.resume_from: {path.name} is older than this run's newest checkpoints "
+                f"({', '.join(newer[-3:])}), which continuing from it would overwrite. Resume with "
+                "--resume latest, or start a new run.name from it (with checkpoint.allow_external_resume)."
+            )
+
+
+def _step_of(path: Path) -> int:
+    tail = path.name[len(_PREFIX) :]
+    return int(tail) if path.name.startswith(_PREFIX) and tail.isdigit() else -1
 
 
 def write_run_config(folder: str | os.PathLike, run_config: dict[str, Any] | None) -> None:

@@ -202,17 +202,49 @@ class DeepSpeedSection:
             raise ConfigError(
                 f"deepspeed.gradient_clipping: must be >= 0 (0 turns it off), got {self.gradient_clipping}."
             )
-        owned = {
-            "train_batch_size",
-            "train_micro_batch_size_per_gpu",
-            "gradient_accumulation_steps",
-            "tensor_parallel",
-        }
-        clash = sorted(owned & set(self.overrides))
-        if clash:
+        clashes = []
+        for key, value in self.overrides.items():
+            if key in _OWNED_DEEPSPEED_KEYS:
+                clashes.append(f"{key} ({_OWNED_DEEPSPEED_KEYS[key]})")
+            elif key in _OWNED_DEEPSPEED_SUBKEYS and isinstance(value, dict):
+                owned = _OWNED_DEEPSPEED_SUBKEYS[key]
+                clashes += [f"{key}.{k} ({owned[k]})" for k in sorted(value) if k in owned]
+        if clashes:
             raise ConfigError(
-                f"deepspeed.overrides: {clash} are derived from train.* and parallelism.*; set those instead."
+                f"deepspeed.overrides: {', '.join(sorted(clashes))}: set by accel-tp from its typed config; "
+                "set those fields instead (overrides is for DeepSpeed keys accel-tp does not own)."
             )
+
+
+# DeepSpeed keys accel-tp derives from its typed fields: an override would bypass their checks
+# (or silently disagree with what the trainer assumes), so deepspeed.overrides refuses them.
+_OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.micro_batch_size, train.grad_accum_steps, parallelism.dp_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "tensor_parallel": "parallelism.tp_size",
+    "amp": "deepspeed.precision",
+    "gradient_clipping": "deepspeed.gradient_clipping",
+    "optimizer": "train.learning_rate, weight_decay, adam_*: accel-tp builds torch AdamW",
+    "scheduler": "train.lr_schedule, warmup_steps, min_lr_ratio",
+    "zero_allow_untested_optimizer": "accel-tp's torch AdamW needs it",
+}
+_OWNED_DEEPSPEED_SUBKEYS = {
+    "zero_optimization": {
+        "stage": "deepspeed.zero_stage",
+        "overlap_comm": "deepspeed.overlap_comm",
+        "contiguous_gradients": "deepspeed.contiguous_gradients",
+        "reduce_bucket_size": "deepspeed.reduce_bucket_size",
+        "allgather_bucket_size": "deepspeed.allgather_bucket_size",
+        "gather_16bit_weights_on_model_save": "checkpoint.export_hf needs it on",
+    },
+    "bf16": {
+        "enabled": "deepspeed.precision",
+        "bf16_master_weights_and_grads": "deepspeed.bf16_master_weights",
+        "bf16_optimizer_states": "deepspeed.bf16_master_weights",
+    },
+    "fp16": {"enabled": "deepspeed.precision"},
+}
 
 
 @dataclass

@@ -24,6 +24,8 @@ from .config import ConfigError, DataSection
 from .parallel import Topology
 
 __all__ = [
+    "check_data_sources",
+    "data_fingerprint",
     "load_text_dataset",
     "tokenize_dataset",
     "load_or_build_tokenized",
@@ -42,6 +44,89 @@ def _first_percent(ds: Any, percentage: float) -> Any:
     if percentage >= 100:
         return ds
     return ds.select(range(math.ceil(len(ds) * percentage / 100)))
+
+
+def check_data_sources(section: DataSection) -> None:
+    """Check local data files before any worker starts: they exist, are readable, parse, have the
+    text field, and hold at least one document. (Hub datasets are checked where they load.)"""
+    if section.source != "files":
+        return
+    paths, _ = _data_files(section)
+    documents = 0
+    for p in paths:
+        try:
+            documents += _count_documents(p, section.text_field)
+        except PermissionError as e:
+            raise ConfigError(f"data.files: cannot read {str(p)!r} ({e.strerror}).") from e
+    if documents == 0:
+        raise ConfigError(
+            f"data.files: no documents in {[str(p) for p in paths]} (empty files, or every "
+            f"{section.text_field!r} is empty); add data or point data.files at other files."
+        )
+
+
+def _data_files(section: DataSection) -> tuple[list[Path], str]:
+    """The data files and their one `datasets` builder (text / json / parquet), or a ConfigError."""
+    paths = [Path(f).expanduser() for f in section.files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"data.files: not found: {missing}.")
+    kinds = {_FILE_BUILDERS.get(p.suffix.lower()) for p in paths}
+    if None in kinds or len(kinds) != 1:
+        raise ConfigError(
+            f"data.files: all files must be one kind of {sorted(_FILE_BUILDERS)}; got {[p.name for p in paths]}."
+        )
+    return paths, kinds.pop()
+
+
+def _count_documents(path: Path, field: str) -> int:
+    """Non-empty documents in one file; a parse error or a missing field names the file and line."""
+    kind = _FILE_BUILDERS[path.suffix.lower()]
+    if kind == "text":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return sum(1 for line in f if line.strip())
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises its own error types for a bad file
+            raise ConfigError(f"data.files: {str(path)!r} is not a readable parquet file ({e}).") from e
+        names = pf.schema_arrow.names
+        if field not in names:
+            raise ConfigError(
+                f"data.text_field: column {field!r} not in {str(path)!r}; its columns: {names}. Set "
+                "data.text_field to one of them."
+            )
+        return pf.metadata.num_rows
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    rows: list[tuple[int, Any]]
+    try:  # a .json file may hold one JSON array (or object) instead of JSON lines
+        whole = json.loads(text)
+        rows = list(enumerate(whole if isinstance(whole, list) else [whole], start=1))
+    except json.JSONDecodeError:
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"data.files: {str(path)!r} line {n} is not valid JSON ({e.msg} at column {e.colno}); "
+                    "each line of a .jsonl file must be one JSON object."
+                ) from e
+    documents = 0
+    for n, row in rows:
+        if not isinstance(row, dict) or field not in row:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ConfigError(
+                f"data.text_field: {str(path)!r} row {n} has no {field!r} field (it has {keys}); set "
+                "data.text_field to the field that holds the text."
+            )
+        documents += bool(str(row[field] or "").strip())
+    return documents
 
 
 def load_split(section: DataSection, which: str) -> Any:
@@ -80,16 +165,8 @@ def load_text_dataset(section: DataSection, split: str | None = None) -> Any:
                 f"{split!r}): {type(e).__name__}: {e}"
             ) from e
     else:
-        paths = [Path(f).expanduser() for f in section.files]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise ConfigError(f"data.files: not found: {missing}.")
-        kinds = {_FILE_BUILDERS.get(p.suffix.lower()) for p in paths}
-        if None in kinds or len(kinds) != 1:
-            raise ConfigError(
-                f"data.files: all files must be one kind of {sorted(_FILE_BUILDERS)}; got {[p.name for p in paths]}."
-            )
-        ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
+        paths, kind = _data_files(section)
+        ds = datasets.load_dataset(kind, data_files=[str(p) for p in paths], split="train")
         ds = _first_percent(ds, section.percentage)
     if section.text_field not in ds.column_names:
         raise ConfigError(
@@ -182,6 +259,34 @@ def cache_key(section: DataSection, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def data_fingerprint(section: DataSection, tokenizer: Any, seed: int, num_rows: int) -> str:
+    """What decides the training data's order: source, files (paths and sizes), split, percentage,
+    seq_length, packing, tokenizer, seed and shuffle (and the row count they give). A resume must
+    match it, or the data position would point into different data."""
+    files = []
+    for f in section.files:
+        p = Path(f).expanduser().resolve()
+        files.append([str(p), p.stat().st_size if p.exists() else None])
+    spec = {
+        "source": section.source,
+        "name": section.name,
+        "config_name": section.config_name,
+        "split": section.split,
+        "files": files,
+        "text_field": section.text_field,
+        "percentage": section.percentage,
+        "seq_length": section.seq_length,
+        "min_tokens": section.min_tokens,
+        "packing": section.packing,
+        "eval": [section.eval_split, section.eval_fraction],
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "seed": seed,
+        "shuffle": section.shuffle,
+        "rows": num_rows,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def load_or_build_tokenized(
     section: DataSection,
     tokenizer: Any,
@@ -225,9 +330,12 @@ def load_or_build_tokenized(
 class DPShardedSampler(Sampler[int]):
     """Indices for one DP rank; resumable at any micro-batch.
 
-    Each epoch permutes all samples with a generator seeded by (seed, epoch), trims the tail so
-    every DP rank gets the same whole number of micro-batches, and deals sample j of the
-    permutation to DP rank j % dp_size. TP peers share dp_rank, hence identical indices.
+    Each epoch permutes all samples with a generator seeded by (seed, epoch), trims the tail that
+    cannot fill a whole global batch (micro_batch_size x grad_accum x dp_size samples), and deals
+    sample j of the permutation to DP rank j % dp_size. TP peers share dp_rank, hence identical
+    indices. Global step s of an epoch then covers positions [s*G, (s+1)*G) of the permutation
+    however G is split into micro-batches, accumulation and DP ranks, so the data position is
+    a number of samples and a resume may split the same global batch differently.
     """
 
     def __init__(
@@ -238,6 +346,7 @@ class DPShardedSampler(Sampler[int]):
         micro_batch_size: int,
         seed: int,
         shuffle: bool = True,
+        grad_accum_steps: int = 1,
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside dp_size {dp_size}")
@@ -247,7 +356,9 @@ class DPShardedSampler(Sampler[int]):
         self.micro_batch_size = micro_batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.batches_per_epoch = num_samples // (dp_size * micro_batch_size)
+        self.global_batch = micro_batch_size * grad_accum_steps * dp_size
+        self.steps_per_epoch = num_samples // self.global_batch
+        self.batches_per_epoch = self.steps_per_epoch * grad_accum_steps
         self.epoch = 0
         self.start_batch = 0
         self.endless = False
@@ -264,7 +375,7 @@ class DPShardedSampler(Sampler[int]):
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
-        used = self.batches_per_epoch * self.micro_batch_size * self.dp_size
+        used = self.steps_per_epoch * self.global_batch
         return order[:used][self.dp_rank :: self.dp_size]
 
     def __iter__(self) -> Iterator[int]:
@@ -290,8 +401,10 @@ def make_collate(
     restart at every document (Transformers then masks attention per document) instead of an
     attention mask, and the first token of each document gets no label: in a row it would be
     predicted from the previous document, which one-document-at-a-time training never does.
-    Entries starting with `_` are metadata, not model inputs: `_real_tokens` (non-padding tokens)
-    and `_label_tokens` (tokens with a label), counted here so the training step needs no pass
+    Entries starting with `_` are metadata, not model inputs: `_real_tokens` (non-padding tokens),
+    `_label_tokens` (tokens with a label) and `_attn_context` (the sum over real tokens of the
+    length each one attends over, for the FLOP count: its own document's length under
+    `document` packing, seq_length otherwise), counted here so the training step needs no pass
     over the batch.
     """
 
@@ -307,6 +420,7 @@ def make_collate(
             mask[i, :n] = 1
         labels = ids.masked_fill(mask == 0, -100)
         out = {"input_ids": ids, "labels": labels, "_real_tokens": mask.sum()}
+        out["_attn_context"] = torch.tensor(float(out["_real_tokens"]) * seq_length, dtype=torch.float64)
         if packing == "document":
             # Padding forms one more "document" (positions from 0), so it never joins a real one.
             pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -316,6 +430,11 @@ def make_collate(
                 pos[i, n:] = torch.arange(width - n)
             out["labels"] = labels.masked_fill(pos == 0, -100)
             out["position_ids"] = pos
+            # A document of n tokens costs n x n in attention: sum n^2 over the real documents
+            # (a document is a run of positions from 0; count each run's real tokens).
+            doc = torch.cumsum(pos == 0, dim=1) + torch.arange(len(rows))[:, None] * (width + 1)
+            ctx = float((torch.bincount(doc[mask.bool()]).double() ** 2).sum())
+            out["_attn_context"] = torch.tensor(float(ctx), dtype=torch.float64)
         else:
             out["attention_mask"] = mask
         # Each position predicts the next token: the first label of a row is never a target.
@@ -336,6 +455,20 @@ class ShardedLoader:
     def batches_per_epoch(self) -> int:
         return self.sampler.batches_per_epoch
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def micro_batch_at(self, samples: int) -> int:
+        """This rank's micro-batch index after `samples` samples (all DP ranks) of the run."""
+        per_micro_batch = self.sampler.micro_batch_size * self.sampler.dp_size
+        if samples % per_micro_batch:
+            raise ValueError(
+                f"the data position ({samples} samples) is not a whole number of micro-batches of "
+                f"{self.sampler.micro_batch_size} x {self.sampler.dp_size} DP ranks"
+            )
+        return samples // per_micro_batch
+
     def stream(self, start_micro_batch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(epoch, batch) pairs from micro-batch number `start_micro_batch` of the whole run on."""
         epoch, offset = divmod(start_micro_batch, self.batches_per_epoch)
@@ -355,18 +488,26 @@ def prepare_dataloader(
     section: DataSection,
     seed: int,
     pin_memory: bool = False,
+    grad_accum_steps: int = 1,
 ) -> ShardedLoader:
     """The dataloader preparer: shards by dp_rank / dp_size instead of process index.
 
     `pin_memory` (for a CUDA run) page-locks the batches so the trainer's non_blocking
     host-to-device copies are asynchronous."""
     sampler = DPShardedSampler(
-        len(dataset), topo.dp_rank, topo.dp_size, micro_batch_size, seed=seed, shuffle=section.shuffle
+        len(dataset),
+        topo.dp_rank,
+        topo.dp_size,
+        micro_batch_size,
+        seed=seed,
+        shuffle=section.shuffle,
+        grad_accum_steps=grad_accum_steps,
     )
     if sampler.batches_per_epoch == 0:
         raise ConfigError(
-            f"data: {len(dataset)} sequences cannot fill one micro-batch on each of {topo.dp_size} DP ranks "
-            f"(train.micro_batch_size {micro_batch_size}); add data or lower train.micro_batch_size."
+            f"data: {len(dataset)} sequences cannot fill one global batch of {sampler.global_batch} "
+            f"(train.micro_batch_size {micro_batch_size} x grad_accum_steps {grad_accum_steps} x "
+            f"{topo.dp_size} DP ranks); add data or lower train.micro_batch_size / grad_accum_steps."
         )
     loader = DataLoader(
         dataset,

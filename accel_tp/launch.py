@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import check_run_folder
 from .config import Config, ConfigError, config_from_dict
+from .data import check_data_sources
 from .env import worker_env
-from .model import model_config
+from .model import load_tokenizer, model_config
 from .parallel import Topology, check_tp_heads
 from .parallelize import check_device_support
 from .trainer import run_worker
@@ -17,8 +19,10 @@ from .trainer import run_worker
 __all__ = ["preflight", "check_writable", "run_ray", "run_local"]
 
 
-def preflight(cfg: Config, world_size: int | None = None) -> None:
-    """Checks that need no worker: layout against world size and the model's heads, sequence length."""
+def preflight(cfg: Config, world_size: int | None = None, tokenizer: bool = False) -> None:
+    """Checks that need no worker: layout against world size and the model's heads, sequence
+    length, the data files; with `tokenizer`, also loads the tokenizer (the driver of a Ray run:
+    it is cached for the workers on this node, and a bad one fails here, not on every rank)."""
     par = cfg.parallelism
     if cfg.ray.device == "cpu":
         check_device_support(cfg.model, "cpu")
@@ -33,6 +37,9 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
             f"data.seq_length: {cfg.data.seq_length} exceeds the model's max_position_embeddings ({max_pos}); "
             f"use data.seq_length <= {max_pos}."
         )
+    check_data_sources(cfg.data)
+    if tokenizer:
+        load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
 
 
 def check_writable(path: str | Path, field: str) -> None:
@@ -74,7 +81,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             "parallelism.dp_size: a Ray run needs it to size the worker group (tp_size x dp_size workers)."
         )
     world_size = par.tp_size * par.dp_size
-    preflight(cfg, world_size)
+    preflight(cfg, world_size, tokenizer=True)
 
     storage = cfg.ray.storage_path
     if _is_local_path(storage):
@@ -122,7 +129,14 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        from ray.train import TrainingFailedError
+
+        if not isinstance(e, TrainingFailedError):
+            raise
+        raise ConfigError(_worker_failure_line(e)) from None
     print(f"[accel-tp] run folder:  {result.path}")
     if result.checkpoint is not None:
         print(f"[accel-tp] checkpoint:  {result.checkpoint.path}")
@@ -133,6 +147,22 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         final = json.loads(lines[-1]) if lines else final
     print(f"[accel-tp] final:       {final}")
     return result
+
+
+def _worker_failure_line(error: Exception) -> str:
+    """One line for a failed worker group: the first worker's own error, without Ray's wrapping."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures:
+        return f"training failed: {error}".splitlines()[0]
+    rank, exc = min(failures.items(), key=lambda kv: kv[0])
+    root: BaseException = exc
+    while getattr(root, "cause", None) is not None or root.__cause__ is not None:
+        root = getattr(root, "cause", None) or root.__cause__
+    text = str(root).strip().splitlines()
+    # A re-raised Ray task error starts with its traceback; the last line is the error itself.
+    message = text[-1] if text else type(root).__name__
+    others = f" (and {len(failures) - 1} more workers)" if len(failures) > 1 else ""
+    return f"worker {rank}{others}: {message}"
 
 
 def run_local(cfg: Config) -> dict[str, Any]:
@@ -147,11 +177,12 @@ def run_local(cfg: Config) -> dict[str, Any]:
                 f"{e} Launch with: accelerate launch --use_deepspeed --num_processes {n} ..."
             ) from e
         raise
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    check_run_folder(run_dir, cfg.checkpoint.resume_from, cfg.run.name)
     if int(os.environ.get("RANK", "0")) == 0:
-        check_writable(Path(cfg.run.output_dir) / cfg.run.name, "run.output_dir")
+        check_writable(run_dir, "run.output_dir")
     metrics = run_worker(cfg, under_ray=False)
     if int(os.environ.get("RANK", "0")) == 0:
-        run_dir = Path(cfg.run.output_dir) / cfg.run.name
         print(f"[accel-tp] checkpoints: {run_dir / 'checkpoints'}")
         print(f"[accel-tp] metrics:     {run_dir / 'metrics.jsonl'}")
         print(f"[accel-tp] final:       {metrics}")

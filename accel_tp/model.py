@@ -73,7 +73,16 @@ def load_tokenizer(section: ModelSection, cache_dir: Path) -> Any:
 
         tok = build_default_tokenizer(cache_dir / "tokenizers")
     else:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=section.trust_remote_code)
+        try:
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=section.trust_remote_code)
+        except (OSError, ValueError, TypeError) as e:
+            field = "model.tokenizer" if section.tokenizer else "model.name_or_path"
+            where = "a folder that does not exist" if _looks_local(name) and not Path(name).exists() else "it"
+            raise ConfigError(
+                f"{field}: cannot load a tokenizer from {name!r} ({where}; {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else e!r}). Point it at a folder with tokenizer files "
+                "or a hub id, or set model.tokenizer: default."
+            ) from e
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(
@@ -81,6 +90,10 @@ def load_tokenizer(section: ModelSection, cache_dir: Path) -> Any:
             )
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
 
 
 def architecture_config(architecture: str, vocab_size: int) -> Any:

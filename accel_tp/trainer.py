@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .checkpoint import Checkpointer, LocalCheckpointer, RayCheckpointer, TrainState
 from .config import Config
-from .data import ShardedLoader, eval_batches, load_or_build_tokenized, prepare_dataloader
+from .data import ShardedLoader, data_fingerprint, eval_batches, load_or_build_tokenized, prepare_dataloader
 from .env import apply_worker_env, quiet_libraries
 from .export import export_hf
 from .metrics import MetricsLog, flat_config, flops_per_token, mfu, peak_bf16_flops, plot_losses, summary_line
@@ -95,7 +95,7 @@ class Runtime:
     log: MetricsLog
     eval_data: list[dict[str, torch.Tensor]] | None = None
     tokenizer: Any = None
-    flops_per_token: float = 0.0
+    mconf: Any = None  # the model's config (shapes for the FLOP count)
     n_params: int = 0  # of the whole (unsharded) model
     peak_flops: float | None = None
 
@@ -104,10 +104,10 @@ class Runtime:
         return self.log.path
 
 
-def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
+def total_steps_for(cfg: Config, steps_per_epoch: int) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    return max(1, (batches_per_epoch * cfg.train.epochs) // cfg.train.grad_accum_steps)
+    return max(1, steps_per_epoch * cfg.train.epochs)
 
 
 def output_dir(cfg: Config, under_ray: bool, metrics_path: Path | None) -> Path:
@@ -180,6 +180,7 @@ def build_data(
         cfg.data,
         seed=cfg.run.seed,
         pin_memory=accelerator.device.type == "cuda",
+        grad_accum_steps=cfg.train.grad_accum_steps,
     )
     eval_ds = load_or_build_tokenized(cfg.data, tokenizer, local_main, barrier, "eval")
     eval_data = None
@@ -251,11 +252,12 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     set_seed(cfg.run.seed)
     tokenizer, mconf = build_tokenizer(cfg, accelerator, topo)
     loader, eval_data = build_data(cfg, accelerator, topo, tokenizer)
-    total_steps = total_steps_for(cfg, loader.batches_per_epoch)
+    total_steps = total_steps_for(cfg, loader.steps_per_epoch)
     state = TrainState(
         global_batch_size=global_batch_size(cfg, topo),
         model=model_fingerprint(mconf),
         layout=f"tp{topo.tp_size}xdp{topo.dp_size}",
+        data=data_fingerprint(cfg.data, tokenizer, cfg.run.seed, loader.sampler.num_samples),
     )
     checkpointer = build_checkpointer(cfg, accelerator, state, under_ray, run_dir)
     if not under_ray:
@@ -280,7 +282,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         log=MetricsLog(metrics_path, accelerator.is_main_process),
         eval_data=eval_data,
         tokenizer=tokenizer,
-        flops_per_token=flops_per_token(mconf, n_params, cfg.data.seq_length),
+        mconf=mconf,
         n_params=n_params,
         peak_flops=peak_bf16_flops() if device_type == "cuda" else None,
     )
@@ -319,10 +321,9 @@ def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: 
     ga = len(micro_batches)
     # Every TP peer holds the same batch, so world-wide sums count each DP batch tp_size times.
     local = [
-        sum(float(mb["_label_tokens"]) for mb in micro_batches),
-        sum(float(mb["_real_tokens"]) for mb in micro_batches),
+        sum(float(mb[k]) for mb in micro_batches) for k in ("_label_tokens", "_real_tokens", "_attn_context")
     ]
-    label_tokens, real_tokens = (v / topo.tp_size for v in _all_reduce(local, device))
+    label_tokens, real_tokens, attn_context = (v / topo.tp_size for v in _all_reduce(local, device))
     # HF's loss is sum(token losses) / num_items_in_batch. DeepSpeed then divides by ga (micro-steps)
     # and averages over the dp ranks, so this divisor makes the gradient exactly that of
     # sum(all token losses of the global batch) / label_tokens.
@@ -363,6 +364,7 @@ def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: 
         "grad_norm": grad_norm,
         "tokens": real_tokens,
         "label_tokens": label_tokens,
+        "attn_context": attn_context / max(real_tokens, 1.0),  # mean positions a token attends over
     }
 
 
@@ -406,7 +408,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     tokens_start = state.tokens
     last_ckpt = None
-    groups = _micro_batch_groups(rt.loader.stream(state.micro_batches), ga)
+    groups = _micro_batch_groups(rt.loader.stream(rt.loader.micro_batch_at(state.samples)), ga)
     rt.model.train()
     metrics: dict[str, Any] = {}
     t_last = time.perf_counter()
@@ -417,7 +419,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         now = time.perf_counter()
         dt, t_last = now - t_last, now
         state.step = step + 1
-        state.micro_batches += ga
+        state.samples += gbs
         state.tokens += int(stats["tokens"])
         metrics = {
             "step": state.step,
@@ -433,7 +435,8 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         }
         if rt.peak_flops:
             # Real tokens only: padding does not count as useful work.
-            metrics["mfu"] = mfu(stats["tokens"] / dt, rt.flops_per_token, rt.peak_flops, rt.topo.world_size)
+            flops = flops_per_token(rt.mconf, rt.n_params, stats["attn_context"])
+            metrics["mfu"] = mfu(stats["tokens"] / dt, flops, rt.peak_flops, rt.topo.world_size)
         if torch.cuda.is_available():
             metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         acc.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)

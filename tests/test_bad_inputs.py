@@ -174,3 +174,70 @@ def test_liger_that_would_do_nothing_is_refused():
 def test_eval_micro_batch_size_range():
     with pytest.raises(ConfigError, match="train.eval_micro_batch_size: must be >= 1"):
         cfg_with(train={"eval_micro_batch_size": 0})
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the public command: bad data or tokenizer inputs fail on the driver, before Ray starts,
+# with one clear line and exit code 2.
+
+
+def _train_ray(tmp_path, cache_dir, *sets: str):
+    import subprocess
+    import sys
+    import time
+
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train_ray.py"),
+        "--config",
+        str(ROOT / "accelerate_configs" / "tiny_tp2_dp2.yaml"),
+        "--set",
+        f"ray.storage_path={tmp_path / 'ray'}",
+        "--set",
+        f"data.cache_dir={cache_dir}",
+        *[a for s in sets for a in ("--set", s)],
+    ]
+    from .mp_utils import _env
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    return proc, time.perf_counter() - t0
+
+
+def _jsonl(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing", r"data.files: not found"),
+        ("empty", r"data.files: no documents in"),
+        ("no_field", r"data.text_field: .*row 1 has no 'text' field \(it has \['body'\]\)"),
+        ("malformed", r"data.files: .*line 2 is not valid JSON"),
+        ("no_tokenizer", r"model.tokenizer: cannot load a tokenizer from .*a folder that does not exist"),
+    ],
+)
+def test_bad_data_or_tokenizer_fails_on_the_driver_before_ray(tmp_path, case, expected):
+    import re
+
+    cache = tmp_path / "cache"
+    files = {
+        "missing": str(tmp_path / "nope.jsonl"),
+        "empty": _jsonl(tmp_path, "empty.jsonl", ""),
+        "no_field": _jsonl(tmp_path, "nofield.jsonl", '{"body": "some words here"}\n'),
+        "malformed": _jsonl(tmp_path, "bad.jsonl", '{"text": "fine"}\n{"text": "broken\n'),
+        "no_tokenizer": _jsonl(tmp_path, "ok.jsonl", '{"text": "fine words"}\n'),
+    }
+    sets = ["data.source=files", f"data.files=[{files[case]}]"]
+    if case == "no_tokenizer":
+        sets.append(f"model.tokenizer={tmp_path / 'no-such-tokenizer'}")
+    proc, seconds = _train_ray(tmp_path, cache, *sets)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and re.search(expected, err[0]), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "Ray" not in proc.stdout, "Ray must not start for a bad input"
+    assert seconds < 15, f"took {seconds:.1f} s"

@@ -408,20 +408,35 @@ def test_train_warmup_below_max_steps_or_without_max_steps_is_valid() -> None:
 
 
 @pytest.mark.parametrize(
-    "key",
-    ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "tensor_parallel"],
+    ("overrides", "field"),
+    [
+        ({"train_batch_size": 1}, "train.micro_batch_size"),
+        ({"train_micro_batch_size_per_gpu": 1}, "train.micro_batch_size"),
+        ({"gradient_accumulation_steps": 1}, "train.grad_accum_steps"),
+        ({"tensor_parallel": {"autotp_size": 4}}, "parallelism.tp_size"),
+        ({"zero_optimization": {"stage": 3}}, "deepspeed.zero_stage"),
+        ({"zero_optimization": {"overlap_comm": True}}, "deepspeed.overlap_comm"),
+        ({"bf16": {"enabled": True}}, "deepspeed.precision"),
+        ({"fp16": {"enabled": True}}, "deepspeed.precision"),
+        ({"gradient_clipping": 0.5}, "deepspeed.gradient_clipping"),
+        ({"optimizer": {"type": "Adam"}}, "accel-tp builds torch AdamW"),
+    ],
 )
-def test_deepspeed_overrides_clashing_with_derived_keys(key: str) -> None:
+def test_deepspeed_overrides_of_owned_keys_name_the_typed_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as e:
-        config_from_dict(with_(deepspeed={"overrides": {key: 1, "zero_optimization": {}}}))
-    assert f"deepspeed.overrides: ['{key}'] are derived from train.* and parallelism.*" in str(e.value)
+        config_from_dict(with_(deepspeed={"overrides": overrides}))
+    key = next(iter(overrides))
+    sub = overrides[key]
+    dotted = f"{key}.{next(iter(sub))}" if key in ("zero_optimization", "bf16", "fp16") else key
+    assert f"deepspeed.overrides: {dotted} (" in str(e.value) and field in str(e.value)
 
 
 def test_deepspeed_overrides_lists_all_clashes_and_allows_others() -> None:
-    with pytest.raises(ConfigError, match=r"\['tensor_parallel', 'train_batch_size'\]"):
+    with pytest.raises(ConfigError, match=r"tensor_parallel \(.*train_batch_size \("):
         config_from_dict(with_(deepspeed={"overrides": {"train_batch_size": 8, "tensor_parallel": {}}}))
-    cfg = config_from_dict(with_(deepspeed={"overrides": {"zero_optimization": {"sub_group_size": 10}}}))
-    assert cfg.deepspeed.overrides == {"zero_optimization": {"sub_group_size": 10}}
+    ok = {"zero_optimization": {"sub_group_size": 10}, "bf16": {"immediate_grad_update": True}}
+    cfg = config_from_dict(with_(deepspeed={"overrides": ok}))
+    assert cfg.deepspeed.overrides == ok
 
 
 @pytest.mark.parametrize(

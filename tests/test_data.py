@@ -201,7 +201,10 @@ def test_prepare_dataloader_needs_one_batch_per_dp_rank() -> None:
     section = DataSection(seq_length=16)
     with pytest.raises(ConfigError) as e:
         prepare_dataloader(rows(7), Topology(4, 1), 2, 0, section, seed=0)
-    assert "7 sequences cannot fill one micro-batch on each of 4 DP ranks" in str(e.value)
+    assert (
+        "7 sequences cannot fill one global batch of 8 (train.micro_batch_size 2 x grad_accum_steps 1 x 4"
+        in str(e.value)
+    )
     # TP does not multiply the need: 8 samples fill micro 2 on dp 4, also with tp 2 (world 8).
     assert prepare_dataloader(rows(8), Topology(4, 1), 2, 0, section, seed=0).batches_per_epoch == 1
     assert prepare_dataloader(rows(8), Topology(8, 2), 2, 0, section, seed=0).batches_per_epoch == 1
@@ -495,3 +498,41 @@ def test_tokenized_min_tokens_above_seq_length_is_empty(tmp_path: Path, default_
     )
     with pytest.raises(ConfigError, match="no documents with >= 9 tokens"):
         load_or_build_tokenized(section, default_tokenizer, True, lambda: None)
+
+
+def test_collate_counts_attention_per_document_when_packed():
+    """The FLOP count's attention context: sum of n^2 over documents under document packing (a
+    token attends within its own document), real tokens x seq_length otherwise."""
+    from accel_tp.data import make_collate
+
+    rows = [
+        {"input_ids": list(range(7)), "position_ids": [0, 1, 2, 0, 1, 0, 1]},  # documents 3, 2, 2
+        {"input_ids": list(range(4)), "position_ids": [0, 1, 2, 3]},  # one document of 4
+    ]
+    packed = make_collate(0, "longest", 8, "document")(rows)
+    assert float(packed["_attn_context"]) == 3**2 + 2**2 + 2**2 + 4**2
+    flat = make_collate(0, "longest", 8, "concat")([{"input_ids": list(range(8))}])
+    assert float(flat["_attn_context"]) == 8 * 8
+    unpacked = make_collate(0, "longest", 16, "none")([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}])
+    assert float(unpacked["_attn_context"]) == 4 * 16
+
+
+@pytest.mark.parametrize("split", [(4, 1, 2), (1, 4, 2), (2, 1, 4), (1, 2, 4), (8, 1, 1)])
+def test_every_split_of_a_global_batch_serves_the_same_samples_per_step(split) -> None:
+    """The data position is in samples: with global batch 8 = micro x accum x dp, step s covers
+    the same samples however 8 is split, across epochs too (each epoch is whole global batches)."""
+    from accel_tp.data import DPShardedSampler
+
+    def steps(mb: int, ga: int, dp: int, epochs: int = 3) -> list[set[int]]:
+        per_rank = []
+        for r in range(dp):
+            s = DPShardedSampler(43, r, dp, mb, seed=5, grad_accum_steps=ga)
+            s.set_epoch(0, endless=True)
+            it = iter(s)
+            per_rank.append([next(it) for _ in range(s.batches_per_epoch * mb * epochs)])
+        n_steps = len(per_rank[0]) // (mb * ga)
+        return [{i for r in per_rank for i in r[k * mb * ga : (k + 1) * mb * ga]} for k in range(n_steps)]
+
+    base = steps(2, 2, 2)
+    assert len(base) == 3 * (43 // 8) and all(len(step) == 8 for step in base)
+    assert steps(*split) == base

@@ -262,23 +262,24 @@ def test_overrides_merge_into_nested_dicts() -> None:
         deepspeed={
             "zero_stage": 2,
             "overrides": {
-                "zero_optimization": {"sub_group_size": 1000, "overlap_comm": True},
+                "zero_optimization": {"sub_group_size": 1000, "round_robin_gradients": True},
                 "bf16": {"immediate_grad_update": True},
-                "gradient_clipping": 0.25,
                 "activation_checkpointing": {"partition_activations": True},
             },
         }
     )
     ds = build_deepspeed_config(cfg, Topology(4, 2), "bf16")
     zero = ds["zero_optimization"]
-    assert zero["sub_group_size"] == 1000 and zero["overlap_comm"] is True  # added and replaced
+    assert zero["sub_group_size"] == 1000 and zero["round_robin_gradients"] is True  # added
     assert zero["stage"] == 2 and zero["contiguous_gradients"] is True  # kept
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False, "immediate_grad_update": True}
-    assert ds["gradient_clipping"] == 0.25
     assert ds["activation_checkpointing"] == {"partition_activations": True}
     assert ds["tensor_parallel"] == {"autotp_size": 2}
     # The config's own overrides dict is not mutated by the merge.
-    assert cfg.deepspeed.overrides["zero_optimization"] == {"sub_group_size": 1000, "overlap_comm": True}
+    assert cfg.deepspeed.overrides["zero_optimization"] == {
+        "sub_group_size": 1000,
+        "round_robin_gradients": True,
+    }
 
 
 def test_build_is_repeatable() -> None:

@@ -105,7 +105,7 @@ def _time_steps(step, next_micro_batches, warmup: int, steps: int, device: Any) 
     """Run warmup + steps optimizer steps; time the last `steps` between two synchronisations."""
     import torch
 
-    real = positions = 0
+    real = positions = context = 0
     t0 = 0.0
     sampler = _GpuSampler(device)
     for i in range(warmup + steps):
@@ -118,6 +118,7 @@ def _time_steps(step, next_micro_batches, warmup: int, steps: int, device: Any) 
         mbs = next_micro_batches()
         if i >= warmup:
             real += sum(int(mb["_real_tokens"]) for mb in mbs)
+            context += sum(float(mb["_attn_context"]) for mb in mbs)
             positions += sum(mb["input_ids"].numel() for mb in mbs)
         step(mbs, i)
     _sync(device)
@@ -127,6 +128,7 @@ def _time_steps(step, next_micro_batches, warmup: int, steps: int, device: Any) 
         "seconds": seconds,
         "real": real,
         "positions": positions,
+        "context": context,
         "peak_gib": peak,
         "gpu": sampler.summary(),
     }
@@ -219,7 +221,7 @@ def _reference_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float],
     info = {
         "params": n_params,
         "precision": precision,
-        "flops_per_token": flops_per_token(mconf, n_params, cfg.data.seq_length),
+        "mconf": mconf,
         "peak_flops": peak_bf16_flops() if cuda else None,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "topo": topo,
@@ -248,7 +250,7 @@ def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dic
     info = {
         "params": rt.n_params,
         "precision": rt.precision,
-        "flops_per_token": rt.flops_per_token,
+        "mconf": rt.mconf,
         "peak_flops": rt.peak_flops,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "topo": rt.topo,
@@ -273,9 +275,11 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-    real, positions, seconds = _global(
-        [timing["real"], timing["positions"], timing["seconds"]], device, topo.tp_size
+    real, positions, context, seconds = _global(
+        [timing["real"], timing["positions"], timing["context"], timing["seconds"]], device, topo.tp_size
     )
+    # The same honest count as training: attention over each token's own document when packed.
+    fpt = flops_per_token(info["mconf"], info["params"], context / max(real, 1.0))
     seconds = seconds * topo.tp_size / topo.world_size  # mean over ranks (they are in lock step)
     peak = timing["peak_gib"]
     if peak is not None:
@@ -301,10 +305,9 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         "tokens_per_s": tok_s,
         "tokens_per_s_per_gpu": tok_s / topo.world_size,
         "real_fraction": real / positions,
-        "tflops_per_gpu": tok_s * info["flops_per_token"] / topo.world_size / 1e12,
-        "mfu": mfu(tok_s, info["flops_per_token"], info["peak_flops"], topo.world_size)
-        if info["peak_flops"]
-        else None,
+        "attn_context": context / max(real, 1.0),
+        "tflops_per_gpu": tok_s * fpt / topo.world_size / 1e12,
+        "mfu": mfu(tok_s, fpt, info["peak_flops"], topo.world_size) if info["peak_flops"] else None,
         "peak_gib": peak,
         "final_loss": timing["loss"],
         "device": info["device"],
