@@ -16,6 +16,7 @@ from collections.abc import Mapping
 __all__ = [
     "allocator_env",
     "worker_env",
+    "ray_worker_env",
     "apply_worker_env",
     "quiet_libraries",
     "free_port",
@@ -36,21 +37,35 @@ def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
     return mine or {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
-def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
+def worker_env(environ: Mapping[str, str], device_type: str | None = None) -> dict[str, str]:
     """Variables every training / export worker needs, before torch or Accelerate initialise:
     Accelerate picks DeepSpeed from ACCELERATE_USE_DEEPSPEED (without it a CPU Accelerator drops
     to DDP), tokenizers' thread pool is off (workers fork DataLoader processes), and the
-    allocator default (the user's own setting wins)."""
-    return {
+    allocator default (the user's own setting wins). On a CPU worker (`device_type` "cpu") DeepSpeed
+    is told so (DS_ACCELERATOR), instead of warning on every rank that it found no GPU."""
+    env = {
         "ACCELERATE_USE_DEEPSPEED": "true",
         "TOKENIZERS_PARALLELISM": environ.get("TOKENIZERS_PARALLELISM", "false"),
         **allocator_env(environ),
     }
+    if device_type == "cpu":
+        env["DS_ACCELERATOR"] = environ.get("DS_ACCELERATOR", "cpu")
+    return env
 
 
-def apply_worker_env() -> None:
-    """worker_env applied to this process (call before CUDA initialises)."""
-    os.environ.update(worker_env(os.environ))
+def ray_worker_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """worker_env plus what Ray Train workers need: Ray Train 2.60 patches print() in its workers
+    to log through the root logger as well as print (RAY_TRAIN_ENABLE_PRINT_PATCH, default on). That
+    printed every line twice, and it leaked output that libraries capture by swapping sys.stdout:
+    datasets hashes its map functions with dill, which reads `dis.dis` output that way, so
+    hundreds of bytecode lines reached the console. Plain prints still reach the driver through
+    Ray's worker log streaming."""
+    return {**worker_env(environ), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def apply_worker_env(device_type: str | None = None) -> None:
+    """worker_env applied to this process (call before CUDA initialises and DeepSpeed is imported)."""
+    os.environ.update(worker_env(os.environ, device_type))
 
 
 def quiet_libraries() -> None:
@@ -60,6 +75,10 @@ def quiet_libraries() -> None:
         return
     for name in ("accelerate", "DeepSpeed", "deepspeed", "datasets", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Tokenization runs once per node and is quick; its per-step bars would bury the training bar.
+    import datasets
+
+    datasets.disable_progress_bars()
     # DeepSpeed 0.19 still calls this torch API; the warning repeats on every rank.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 

@@ -10,7 +10,8 @@ from typing import Any
 from .checkpoint import check_run_folder
 from .config import Config, ConfigError, config_from_dict
 from .data import check_data_sources
-from .env import worker_env
+from .env import VERBOSE_ENV, ray_worker_env
+from .export import ray_registered
 from .model import load_tokenizer, model_config
 from .parallel import Topology, check_tp_heads
 from .parallelize import check_device_support
@@ -84,6 +85,14 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     preflight(cfg, world_size, tokenizer=True)
 
     storage = cfg.ray.storage_path
+    if not _is_local_path(storage) and cfg.checkpoint.export_hf:
+        # The end-of-training export is written beside the metrics, which only a local storage
+        # path has today; refuse rather than skip it silently at the end of a long run.
+        raise ConfigError(
+            f"checkpoint.export_hf: the end-of-training export needs a local (or shared) "
+            f"ray.storage_path; {storage!r} is remote. Set checkpoint.export_hf: false and export the "
+            "last checkpoint afterwards with scripts/export_hf.py (after copying it down)."
+        )
     if _is_local_path(storage):
         storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
         check_writable(storage, "ray.storage_path")
@@ -95,7 +104,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         pythonpath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
         # Workers initialise CUDA before our code runs: the worker environment (DeepSpeed switch,
         # allocator default) goes into their runtime env.
-        env = {"env_vars": {**worker_env(os.environ), "PYTHONPATH": pythonpath}}
+        env = {"env_vars": {**ray_worker_env(os.environ), "PYTHONPATH": pythonpath}}
         # A local instance gets enough logical CPUs for the worker group even on a small machine
         # (CPU workers then share cores); a cluster reports what it has.
         local = {"num_cpus": max(os.cpu_count() or 1, cpus_needed + 1)} if address is None else {}
@@ -115,6 +124,15 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             "Lower parallelism.* or set ray.device: cpu."
         )
     metrics_path = str(Path(storage) / cfg.run.name / "metrics.jsonl") if _is_local_path(storage) else None
+    if _is_local_path(storage):
+        # Ray Train restores a run whose name exists under the storage path: say so up front.
+        registered = ray_registered(Path(storage) / cfg.run.name)
+        if registered:
+            print(
+                f"[accel-tp] run.name {cfg.run.name!r} exists in {storage}: resuming it from its latest "
+                f"checkpoint ({registered[-1].name}); pick a new run.name to start fresh.",
+                flush=True,
+            )
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_worker,
         train_loop_config={"config": cfg.to_dict(), "metrics_path": metrics_path},
@@ -124,6 +142,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.run.name,
+            **_ray_train_logging(),
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
@@ -147,6 +166,17 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         final = json.loads(lines[-1]) if lines else final
     print(f"[accel-tp] final:       {final}")
     return result
+
+
+def _ray_train_logging() -> dict[str, Any]:
+    """Ray Train's own INFO lines (every report, every checkpoint) off the console, unless
+    ACCEL_TP_VERBOSE is set; its warnings and errors still show (where this Ray version has LoggingConfig)."""
+    import ray.train
+
+    config = getattr(ray.train, "LoggingConfig", None)
+    if config is None or os.environ.get(VERBOSE_ENV):
+        return {}
+    return {"logging_config": config(log_level="WARNING")}
 
 
 def _worker_failure_line(error: Exception) -> str:

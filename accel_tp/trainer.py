@@ -244,7 +244,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     quiet_libraries()
     # Ray workers get these from the runtime env already (launch.run_ray); `accelerate launch`
     # and torchrun workers get them here, before CUDA initialises.
-    apply_worker_env()
+    apply_worker_env(device_type)
     from accelerate.utils import set_seed
 
     run_dir = output_dir(cfg, under_ray, metrics_path)

@@ -241,3 +241,33 @@ def test_bad_data_or_tokenizer_fails_on_the_driver_before_ray(tmp_path, case, ex
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "Ray" not in proc.stdout, "Ray must not start for a bad input"
     assert seconds < 15, f"took {seconds:.1f} s"
+
+
+def test_export_with_remote_storage_refused_before_ray_starts():
+    import ray
+
+    cfg = cfg_with(ray={"storage_path": "s3://bucket/runs"}, checkpoint={"export_hf": True})
+    with pytest.raises(ConfigError, match=r"checkpoint.export_hf: .*'s3://bucket/runs' is remote"):
+        run_ray(cfg)
+    assert not ray.is_initialized()
+
+
+def test_fresh_run_over_an_existing_one_is_refused(tmp_path):
+    from accel_tp.checkpoint import check_run_folder
+
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000010").mkdir()
+    with pytest.raises(
+        ConfigError, match=r"run.name: 'r' already exists .*up to step_00000010.*--resume latest"
+    ):
+        check_run_folder(run_dir, None, "r")
+    check_run_folder(run_dir, "latest", "r")  # continuing it is fine
+    with pytest.raises(ConfigError, match=r"step_00000005 is older than this run's newest .*step_00000010"):
+        check_run_folder(run_dir, str(run_dir / "checkpoints" / "step_00000005"), "r")
+    only_metrics = tmp_path / "m"
+    only_metrics.mkdir()
+    (only_metrics / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match=r"already exists .*\(metrics.jsonl\)"):
+        check_run_folder(only_metrics, None, "m")
+    check_run_folder(tmp_path / "new", None, "new")  # a new name starts fresh

@@ -99,4 +99,11 @@ def test_cpu_smoke_run_tp2(tmp_path):
     for r in rows.values():  # the timed steps fit in the arm's wall time
         assert r["step_ms"] * r["steps"] <= r["wall_s"] * 1e3
     assert "| tiny | 128 | accel |" in proc.stdout
+    # The arms do the same optimization (init, samples, schedule, weight-decay groups, clipping):
+    # fp32 on CPU, one micro-batch per step, so their per-step losses agree to rounding.
+    assert len(rows["accel"]["losses"]) == len(rows["reference"]["losses"]) == 3
+    assert rows["accel"]["loss_rdiff_vs_reference"] < 1e-5, (
+        rows["accel"]["losses"],
+        rows["reference"]["losses"],
+    )
     assert report["versions"]["torch"] and report["flops_per_token"]

@@ -212,6 +212,80 @@ def test_resume_continues_at_exact_step(runs, tmp_path, cache):
         )
 
 
+@pytest.mark.parametrize("micro,how", [(4, "latest"), (1, "external")])
+def test_resume_with_another_split_of_the_global_batch(runs, tmp_path, cache, micro, how):
+    """10 steps as micro 2 x accum 2 (x dp 2), resumed as micro 4 x accum 1 and micro 1 x accum 4:
+    the data position is in samples, so steps 11-20 see the same samples and give the losses of
+    the uninterrupted run (float rounding only: the micro-batches are summed in another order).
+    "latest": the run's own folder resumed under its name; "external": another run's checkpoint."""
+    import shutil
+
+    full = runs(2, 2)
+    ov = {**base_overrides(cache, tmp_path), **layout(2, 2)}
+    ov.update({"train.micro_batch_size": micro, "train.grad_accum_steps": GLOBAL_BATCH // (micro * 2)})
+    run_dir = tmp_path / str(ov["run.name"])
+    if how == "latest":
+        # The same run, continued under its name: its step-10 checkpoint and metrics up to there.
+        (run_dir / "checkpoints").mkdir(parents=True)
+        shutil.copytree(
+            full["dir"] / "checkpoints" / "step_00000010", run_dir / "checkpoints" / "step_00000010"
+        )
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in full["metrics"][:10]))
+        extra = ["--resume", "latest"]
+    else:
+        ov["checkpoint.allow_external_resume"] = True
+        extra = ["--resume", str(full["dir"] / "checkpoints" / "step_00000010")]
+    proc = accelerate_launch(4, ov, extra=extra)
+    assert proc.returncode == 0
+    resumed = read_metrics(run_dir / "metrics.jsonl")
+    tail = resumed[10:] if how == "latest" else resumed
+    assert [m["step"] for m in tail] == list(range(11, STEPS + 1))
+    assert [m["tokens_seen"] for m in tail] == [m["tokens_seen"] for m in full["metrics"][10:]]
+    assert_close(losses(tail), losses(full["metrics"][10:]))
+
+
+def test_rerun_under_the_same_name_is_refused_untouched(runs, tmp_path, cache):
+    """A fresh run (no --resume) under the name of a run that has checkpoints and metrics is
+    refused before anything is written: exit 2, one line naming --resume latest and run.name."""
+    import hashlib
+    import shutil
+
+    ov = {**base_overrides(cache, tmp_path), "parallelism.tp_size": 1, "parallelism.dp_size": 1}
+    ov["run.name"] = "r"
+    run_dir = tmp_path / "r"
+    shutil.copytree(runs(2, 2)["dir"] / "checkpoints", run_dir / "checkpoints")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        for p in sorted(run_dir.rglob("*")):
+            h.update(str(p).encode() + (p.read_bytes() if p.is_file() else b""))
+        return h.hexdigest()
+
+    before = digest()
+    proc = run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(TINY), *set_args(ov)])
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "--resume latest" in err[0] and "run.name: 'r' already exists" in err[0]
+    assert digest() == before
+
+
+def assert_readable_output(text: str) -> None:
+    """What the quickstart's training command prints: no bytecode listings (datasets' dill hashing
+    under Ray Train's print patch), no line repeated (the summary once, no per-second warnings)."""
+    import collections
+    import re
+
+    assert not re.search(r"\b(LOAD_FAST|LOAD_CONST|RETURN_VALUE|STORE_FAST)\b", text), "bytecode listing"
+    # Ray prefixes worker lines with "(RayTrainWorker pid=...)"; compare what follows.
+    body = [re.sub(r"^\x1b\[\d+m\([^)]*\)\x1b\[0m ", "", line).strip() for line in text.splitlines()]
+    counts = collections.Counter(line for line in body if line)
+    repeated = {line: n for line, n in counts.items() if n > 2}
+    assert not repeated, f"lines repeated: {repeated}"
+    assert sum("[accel-tp] done:" in line for line in body) == 1, "the summary line once"
+    assert len(body) < 120, f"{len(body)} lines of output"
+
+
 def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
     ov = {**base_overrides(cache, tmp_path), **layout(2, 2), "ray.storage_path": str(tmp_path / "ray")}
     proc = run([sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY), *set_args(ov)])
@@ -229,6 +303,7 @@ def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
     ray_metrics = read_metrics(run_dir / "metrics.jsonl")
     # Same YAML, same seed: Ray and accelerate launch give the same losses.
     assert losses(ray_metrics) == losses(runs(2, 2)["metrics"])
+    assert_readable_output(proc.stdout + proc.stderr)
 
     # A new run under the same name and storage resumes it (Ray's restore) from step 20.
     again = run(
@@ -242,6 +317,7 @@ def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
     )
     assert again.returncode == 0
     assert "steps=20->22" in again.stdout + again.stderr
+    assert f"run.name {ov['run.name']!r} exists" in again.stdout and "(step_00000020)" in again.stdout
     assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 23))
 
 

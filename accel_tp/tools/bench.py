@@ -101,8 +101,13 @@ class _GpuSampler:
         }
 
 
-def _time_steps(step, next_micro_batches, warmup: int, steps: int, device: Any) -> dict[str, float]:
-    """Run warmup + steps optimizer steps; time the last `steps` between two synchronisations."""
+def _time_steps(
+    step, next_micro_batches, warmup: int, steps: int, device: Any, attends_per_document: bool
+) -> dict[str, float]:
+    """Run warmup + steps optimizer steps; time the last `steps` between two synchronisations.
+
+    `attends_per_document`: the arm masks attention per packed document (the FLOP count then uses
+    each token's document length, as the collate counts it), else over the whole row."""
     import torch
 
     real = positions = context = 0
@@ -118,7 +123,12 @@ def _time_steps(step, next_micro_batches, warmup: int, steps: int, device: Any) 
         mbs = next_micro_batches()
         if i >= warmup:
             real += sum(int(mb["_real_tokens"]) for mb in mbs)
-            context += sum(float(mb["_attn_context"]) for mb in mbs)
+            context += sum(
+                float(mb["_attn_context"])
+                if attends_per_document
+                else float(mb["_real_tokens"]) * mb["input_ids"].shape[1]
+                for mb in mbs
+            )
             positions += sum(mb["input_ids"].numel() for mb in mbs)
         step(mbs, i)
     _sync(device)
@@ -154,6 +164,7 @@ def _reference_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float],
     from ..data import load_or_build_tokenized, prepare_dataloader
     from ..model import load_tokenizer, model_config
     from ..parallel import Topology, resolve_precision
+    from ..trainer import lr_lambda, param_groups
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
@@ -171,14 +182,24 @@ def _reference_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float],
     dataset = load_or_build_tokenized(cfg.data, tok, int(os.environ.get("LOCAL_RANK", "0")) == 0, barrier)
     tr = cfg.train
     loader = prepare_dataloader(
-        dataset, topo, tr.micro_batch_size, tok.pad_token_id, cfg.data, cfg.run.seed, pin_memory=cuda
+        dataset,
+        topo,
+        tr.micro_batch_size,
+        tok.pad_token_id,
+        cfg.data,
+        cfg.run.seed,
+        pin_memory=cuda,
+        grad_accum_steps=tr.grad_accum_steps,
     )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     torch.manual_seed(cfg.run.seed)
     mconf._attn_implementation = cfg.model.attn_implementation
     model = AutoModelForCausalLM.from_config(mconf, dtype=dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=tr.learning_rate, weight_decay=tr.weight_decay)
+    # The same optimization as the accel arm (weight decay on matrices only, the run's LR schedule
+    # and warm-up), so the two arms' losses can be compared step by step.
+    opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, tr.max_steps or warmup + steps))
     # The tutorial's own DeepSpeed dict, on purpose not accel-tp's build_deepspeed_config: this arm
     # measures the loop as the tutorial writes it (the accel arm uses the one builder via setup).
     ds_config: dict[str, Any] = {
@@ -199,25 +220,32 @@ def _reference_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float],
         }
     elif precision == "fp16":
         ds_config["fp16"] = {"enabled": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    engine, _, _, sched = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
+    )
     engine.train()
     stream = loader.stream()
-    last: dict[str, Any] = {}
+    step_losses: list[Any] = []
 
     def next_micro_batches() -> list[dict]:
         return [next(stream)[1] for _ in range(tr.grad_accum_steps)]
 
     def step(mbs: list[dict], _: int) -> None:
+        total = 0.0
         for mb in mbs:
             ids = mb["input_ids"].to(device, non_blocking=True)
             mask = mb.get("attention_mask", torch.ones_like(mb["input_ids"])).to(device, non_blocking=True)
             out = engine(input_ids=ids, attention_mask=mask, labels=mb["labels"].to(device), use_cache=False)
             engine.backward(out.loss)
-            engine.step()
-            last["loss"] = out.loss
+            engine.step()  # steps the optimizer and the LR scheduler at the accumulation boundary
+            total = total + out.loss.detach().float()
+        step_losses.append(total / len(mbs))  # read after timing: no host sync in the loop
 
-    timing = _time_steps(step, next_micro_batches, warmup, steps, device)
-    timing["loss"] = float(last["loss"])
+    # Fed input_ids and an attention mask only, so a packed row is one causal sequence: the
+    # reference attends across packed documents, i.e. over the full row.
+    timing = _time_steps(step, next_micro_batches, warmup, steps, device, attends_per_document=False)
+    timing["losses"] = [float(x) for x in step_losses]
+    timing["loss"] = timing["losses"][-1]
     info = {
         "params": n_params,
         "precision": precision,
@@ -237,16 +265,24 @@ def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dic
 
     rt = setup(cfg, under_ray=False)
     stream = rt.loader.stream()
-    last: dict[str, Any] = {}
+    step_losses: list[float] = []
 
     def next_micro_batches() -> list[dict]:
         return [next(stream)[1] for _ in range(cfg.train.grad_accum_steps)]
 
     def step(mbs: list[dict], i: int) -> None:
-        last.update(train_step(rt, mbs, i))
+        step_losses.append(train_step(rt, mbs, i)["loss"])
 
-    timing = _time_steps(step, next_micro_batches, warmup, steps, rt.accelerator.device)
-    timing["loss"] = float(last["loss"])
+    timing = _time_steps(
+        step,
+        next_micro_batches,
+        warmup,
+        steps,
+        rt.accelerator.device,
+        attends_per_document=cfg.data.packing == "document",
+    )
+    timing["losses"] = step_losses
+    timing["loss"] = step_losses[-1]
     info = {
         "params": rt.n_params,
         "precision": rt.precision,
@@ -310,6 +346,10 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         "mfu": mfu(tok_s, fpt, info["peak_flops"], topo.world_size) if info["peak_flops"] else None,
         "peak_gib": peak,
         "final_loss": timing["loss"],
+        "losses": timing["losses"],
+        "attention": "per document"
+        if cfg.data.packing == "document" and spec["kind"] != "reference"
+        else "whole row",
         "device": info["device"],
         "gpu_state": timing["gpu"],
         "overrides": spec["overrides"],
@@ -485,6 +525,46 @@ def _spec(name: str, kind: str, args: argparse.Namespace, sets: list[str], shape
     }
 
 
+# Both arms train the same model from the same init on the same samples with the same schedule, in
+# bf16 (8 mantissa bits: 0.4 % per rounding); the reference averages per micro-batch means, accel
+# the global token mean (equal for full packed rows). Per-step losses further apart than this are
+# a different optimization, not noise, and fail the run.
+LOSS_RTOL = 0.01
+
+
+def compare_losses(rows: list[dict[str, Any]]) -> list[str]:
+    """Per-step losses of each accel-tp arm against the reference arm of its shape, sequence length
+    and global batch: records the worst relative difference, returns the failures."""
+    failures = []
+    for row in rows:
+        if "error" in row or row["kind"] == "reference":
+            continue
+        ref = next(
+            (
+                r
+                for r in rows
+                if "error" not in r
+                and r["name"] == "reference"
+                and (r["shape"], r["seq"]) == (row["shape"], row["seq"])
+                and _global_batch(r) == _global_batch(row)
+            ),
+            None,
+        )
+        if ref is None:
+            continue
+        diffs = [abs(a - b) / abs(b) for a, b in zip(row["losses"], ref["losses"])]
+        row["loss_rdiff_vs_reference"] = max(diffs)
+        if max(diffs) > LOSS_RTOL:
+            failures.append(
+                f"{row['name']} {row['shape']} seq {row['seq']}: losses differ from the reference's by "
+                f"{max(diffs):.2%} (bound {LOSS_RTOL:.0%}):\n  {row['name']}:   "
+                + " ".join(f"{x:.4f}" for x in row["losses"])
+                + "\n  reference: "
+                + " ".join(f"{x:.4f}" for x in ref["losses"])
+            )
+    return failures
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """x reference: against the reference arm of the same shape and sequence; x tutorial:
     against the tutorial-setting arm of the same shape (real tokens/s both)."""
@@ -510,19 +590,19 @@ def _fmt(value: Any, spec: str) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| shape | seq | arm | mb x ga | real tokens/s | real % | step ms | MFU | peak GiB | x reference "
-        "| x tutorial |"
+        "| shape | seq | arm | mb x ga | attention | real tokens/s | real % | step ms | MFU | peak GiB "
+        "| final loss | x reference | x tutorial |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| | | {r['name']} | | failed: {r['error']} | | | | | | |")
+            lines.append(f"| | | {r['name']} | | | failed: {r['error']} | | | | | | | |")
             continue
         lines.append(
             f"| {r['shape']} | {r['seq']} | {r['name']} | {r['micro_batch']} x {r['grad_accum']} "
-            f"| {r['tokens_per_s']:,.0f} | {100 * r['real_fraction']:.1f} | {r['step_ms']:.1f} "
+            f"| {r['attention']} | {r['tokens_per_s']:,.0f} | {100 * r['real_fraction']:.1f} | {r['step_ms']:.1f} "
             f"| {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
-            f"| {_fmt(r['peak_gib'], '.1f')} | {_fmt(r.get('x_reference'), '.2f')} "
+            f"| {_fmt(r['peak_gib'], '.1f')} | {r['final_loss']:.4f} | {_fmt(r.get('x_reference'), '.2f')} "
             f"| {_fmt(r.get('x_tutorial'), '.1f')} |"
         )
     return "\n".join(lines)
@@ -618,9 +698,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
+    failures = compare_losses(report["rows"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
     print(format_table(report["rows"]))
+    for line in failures:
+        print(f"[bench] FAILED: {line}", flush=True)
     print("JSON " + json.dumps(report))
-    return 0 if all("error" not in r for r in report["rows"]) else 1
+    return 0 if not failures and all("error" not in r for r in report["rows"]) else 1
 
 
 if __name__ == "__main__":
