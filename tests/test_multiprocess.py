@@ -321,6 +321,25 @@ def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
     assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 23))
 
 
+def test_ray_worker_side_bad_input_ends_as_one_line(tmp_path, cache):
+    """A bad input only a worker can see (a hub dataset that does not load) ends the run with exit
+    code 2 and, as the driver's last line, the worker's own error (no Ray wrapping)."""
+    ov = {
+        **base_overrides(cache, tmp_path),
+        **layout(2, 1),
+        "ray.storage_path": str(tmp_path / "ray"),
+        "data.source": "hub",
+        "data.name": str(tmp_path / "no-such-dataset"),
+        "checkpoint.export_hf": False,
+    }
+    proc = run([sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY), *set_args(ov)])
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("accel-tp: config error: worker 0") and "data.name: cannot load dataset" in last, (
+        last
+    )
+
+
 def _worker_pids() -> list[int]:
     import psutil
 
