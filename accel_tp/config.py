@@ -370,15 +370,6 @@ class Config:
                 "model.liger_kernel: with model.compile and parallelism.tp_size > 1 no Liger kernel applies "
                 "(the fused loss needs a whole lm_head, compile replaces the layer kernels); set it false."
             )
-        if self.deepspeed.zero_stage == 3:
-            # DeepSpeed >= 0.19.4 accepts ZeRO-3 (also with AutoTP), but measured here (DeepSpeed
-            # 0.19.8 through Accelerate 1.15, fp32, CPU) the first loss already differs from the
-            # unsharded model by 1.25e-2 relative, for tp 1 and tp 2 alike, while stages 1 and 2
-            # match to 2e-7. We refuse it rather than train silently wrong.
-            raise ConfigError(
-                "deepspeed.zero_stage: 3 is refused: in accel-tp's parity test DeepSpeed ZeRO-3 (with or "
-                "without AutoTP) does not reproduce the unsharded model's losses. Use zero_stage 1 or 2."
-            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

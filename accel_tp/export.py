@@ -25,8 +25,8 @@ import torch
 from .checkpoint import RUN_CONFIG_FILE, peek_train_state, steps_under
 from .config import Config, ConfigError, load_config
 from .env import apply_worker_env, free_port, quiet_libraries
-from .model import load_tokenizer, model_config, model_fingerprint
-from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin
+from .model import load_tokenizer, model_config, model_fingerprint, param_groups
+from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin, without_hf_zero3_init
 
 __all__ = [
     "export_hf",
@@ -93,6 +93,7 @@ class CheckpointInfo:
     path: Path
     tp_size: int
     dtype: torch.dtype  # the module weights' dtype (the training precision)
+    dp_size: int  # ZeRO-3 only: the module files hold placeholders, the weights are in dp x tp partitions
     train_state: dict[str, Any]
     run_config: Path | None  # the run's YAML recorded in the checkpoint, if any
 
@@ -156,6 +157,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         )
     state = peek_train_state(p)
     rank0 = p / MODEL_TAG / "mp_rank_00_model_states.pt"
+    zero3 = not rank0.is_file()
+    if zero3:  # ZeRO-3 names its module files per DP and TP rank
+        rank0 = p / MODEL_TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     if state is None or not rank0.is_file():
         raise _not_a_checkpoint(p)
     # Metadata only: mmap reads no tensor data, weights_only unpickles nothing but tensors and
@@ -168,12 +172,14 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         ) from e
     ds = meta.get("ds_config") or {}
     tp = int((ds.get("tensor_parallel") or {}).get("autotp_size") or meta.get("mp_world_size") or 1)
+    dp = int(meta.get("dp_world_size") or 1) if zero3 else 1
     del meta
-    missing = [
-        f"{MODEL_TAG}/mp_rank_{r:02d}_model_states.pt"
-        for r in range(tp)
-        if not (p / MODEL_TAG / f"mp_rank_{r:02d}_model_states.pt").is_file()
-    ]
+    names = (
+        [f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt" for d in range(dp) for t in range(tp)]
+        if zero3
+        else [f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
+    )
+    missing = [f"{MODEL_TAG}/{n}" for n in names if not (p / MODEL_TAG / n).is_file()]
     if missing:
         raise ConfigError(
             f"--checkpoint: {str(p)!r} is incomplete: it was saved with tp_size {tp} but lacks {missing}. "
@@ -193,7 +199,11 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
             f"crash cut short, or one Ray is still collecting){latest}. Pass a registered one."
         )
     recorded = p / RUN_CONFIG_FILE
-    return CheckpointInfo(p, tp, dtype, state, recorded if recorded.is_file() else None)
+    return CheckpointInfo(p, tp, dtype, dp, state, recorded if recorded.is_file() else None)
+
+
+def _is_zero3(info: CheckpointInfo) -> bool:
+    return not (info.path / MODEL_TAG / "mp_rank_00_model_states.pt").is_file()
 
 
 def _check_out_dir(out: Path, checkpoint: Path, overwrite: bool) -> None:
@@ -221,8 +231,11 @@ def _export_worker(
     out: str,
     load_dtype: str,
     out_dtype: str,
+    tp_size: int,
+    zero3: bool,
 ) -> None:
-    """One TP rank of the export (spawned). Runs on CPU with gloo, also on a GPU machine."""
+    """One rank of the export (spawned; tp_size ranks, ZeRO-3: dp x tp). CPU and gloo, also on a GPU
+    machine."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -240,15 +253,19 @@ def _export_worker(
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    # dp = 1, no ZeRO, no optimizer: only the module weights are loaded; precision "fp32" adds no
-    # mixed-precision block, so DeepSpeed keeps the module in the dtype it is built in (below).
-    # The DeepSpeed config sets the gather flag that lets accelerator.get_state_dict consolidate
-    # the AutoTP shards.
-    topo = Topology(world_size=world, tp_size=world, rank=rank)
-    ds_config = build_deepspeed_config(cfg, topo, "fp32", zero_stage=0)
+    # Not ZeRO-3: dp = 1, no ZeRO, no optimizer: only the module weights are loaded; precision
+    # "fp32" adds no mixed-precision block, so DeepSpeed keeps the module in the dtype it is built
+    # in (below). ZeRO-3 keeps the weights only in its dp x tp partitions, which DeepSpeed reads
+    # back through a same-layout engine with the run's optimizer (the module files hold
+    # placeholders, and its module-only path is not AutoTP-aware: zero_to_fp32 globs every
+    # partition). The DeepSpeed config sets the gather flag that lets accelerator.get_state_dict
+    # consolidate the AutoTP shards (and the ZeRO-3 partitions).
+    topo = Topology(world_size=world, tp_size=tp_size, rank=rank)
+    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[load_dtype] if zero3 else "fp32"
+    ds_config = build_deepspeed_config(cfg, topo, precision, zero_stage=3 if zero3 else 0)
     accelerator = Accelerator(
         deepspeed_plugin=make_deepspeed_plugin(ds_config),
-        mixed_precision="no",
+        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
     )
     mconf = model_config(cfg.model, vocab_size)
@@ -257,18 +274,25 @@ def _export_worker(
     mconf._attn_implementation = attn if attn in ("sdpa", "eager") else "sdpa"
     # Built in the checkpoint's dtype, so its weights load as they are (and bf16 takes half the
     # memory). Every weight is overwritten by the checkpoint (strict load): skip the random init.
-    with no_init_weights():
+    with without_hf_zero3_init(), no_init_weights():
         model = AutoModelForCausalLM.from_config(
-            mconf, dtype=DTYPES[load_dtype], trust_remote_code=cfg.model.trust_remote_code
+            mconf,
+            dtype=torch.float32 if zero3 else DTYPES[load_dtype],
+            trust_remote_code=cfg.model.trust_remote_code,
         )
-    engine = accelerator.prepare(model)
-    loaded, _ = engine.load_checkpoint(
-        ckpt,
-        tag=MODEL_TAG,
-        load_module_only=True,
-        load_optimizer_states=False,
-        load_lr_scheduler_states=False,
-    )
+    if zero3:
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate)
+        engine, _ = accelerator.prepare(model, optimizer)
+        loaded, _ = engine.load_checkpoint(ckpt, tag=MODEL_TAG, load_lr_scheduler_states=False)
+    else:
+        engine = accelerator.prepare(model)
+        loaded, _ = engine.load_checkpoint(
+            ckpt,
+            tag=MODEL_TAG,
+            load_module_only=True,
+            load_optimizer_states=False,
+            load_lr_scheduler_states=False,
+        )
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}/{MODEL_TAG}")
     engine.eval()
@@ -324,7 +348,7 @@ def export_checkpoint(
         mp.start_processes(
             _export_worker,
             args=(
-                info.tp_size,
+                info.tp_size * info.dp_size,
                 free_port(),
                 cfg,
                 len(tokenizer),
@@ -332,8 +356,10 @@ def export_checkpoint(
                 str(tmp),
                 load_dtype,
                 load_dtype if dtype == "auto" else dtype,
+                info.tp_size,
+                _is_zero3(info),
             ),
-            nprocs=info.tp_size,
+            nprocs=info.tp_size * info.dp_size,
             join=True,
             start_method="spawn",
         )

@@ -13,6 +13,7 @@ __all__ = [
     "build_model",
     "architecture_config",
     "model_fingerprint",
+    "param_groups",
 ]
 
 # Shapes for random-init models. The Qwen entries copy the published configs' shapes.
@@ -147,3 +148,12 @@ def model_fingerprint(mconf: Any) -> str:
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     shape = "-".join(str(getattr(mconf, k, "?")) for k in keys)
     return f"{mconf.model_type}:{shape}:kv{getattr(mconf, 'num_key_value_heads', '?')}"
+
+
+def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

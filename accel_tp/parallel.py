@@ -7,6 +7,8 @@ consecutive ranks, so rank = dp_rank * tp_size + tp_rank.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ __all__ = [
     "build_deepspeed_config",
     "make_deepspeed_plugin",
     "global_batch_size",
+    "without_hf_zero3_init",
 ]
 
 
@@ -131,10 +134,11 @@ def build_deepspeed_config(
         "gather_16bit_weights_on_model_save": True,
     }
     config: dict[str, Any] = {
-        # DeepSpeed checks train_batch_size == micro x accum x world_size when no mpu is passed
-        # (Accelerate passes none). That product counts every TP peer, so it is a bookkeeping value
-        # for DeepSpeed only; the true global batch is global_batch_size() = micro x accum x dp.
-        "train_batch_size": tr.micro_batch_size * tr.grad_accum_steps * topo.world_size,
+        # No train_batch_size: DeepSpeed derives it from the two keys below. It checks it against the
+        # world size when it parses the config (Accelerate passes no mpu) and, at ZeRO-3 with AutoTP,
+        # again against the DP size when it partitions the module (zero.Init(module=..., mpu=groups),
+        # deepspeed/runtime/zero/partition_parameters.py): at tp > 1 no value passes both. The true
+        # global batch is global_batch_size() = micro x accum x dp.
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": tr.grad_accum_steps,
         "gradient_clipping": ds.gradient_clipping,
@@ -171,6 +175,29 @@ def make_deepspeed_plugin(ds_config: dict[str, Any]) -> Any:
     """Accelerate's DeepSpeedPlugin carrying our DeepSpeed dict (AutoTP block and ZeRO stage)."""
     from accelerate.utils import DeepSpeedPlugin
 
-    # zero3_init_flag off: models are built whole and then partitioned, so a seeded random init is
-    # the same for every ZeRO stage and layout (under zero.Init each partition draws its own).
+    # zero3_init_flag off: models are built whole and then partitioned. (That flag alone does not
+    # stop transformers from using zero.Init: see without_hf_zero3_init.)
     return DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=False)
+
+
+@contextmanager
+def without_hf_zero3_init() -> Iterator[None]:
+    """Build a model whole, also under ZeRO-3; DeepSpeed partitions it in prepare().
+
+    Accelerate publishes the DeepSpeed config to transformers whatever zero3_init_flag says
+    (accelerate/utils/dataclasses.py DeepSpeedPlugin.set_deepspeed_weakref creates HfDeepSpeedConfig
+    unconditionally since Accelerate 1.0). At stage 3 transformers then builds the model under
+    deepspeed.zero.Init, which skips the layers' constructor draws: every random weight comes out
+    another sample for the same seed (the first loss differed from the unsharded model's), and
+    from_pretrained with AutoTP raises NotImplementedError. So the published config is cleared for
+    the build and restored after it. tests/test_zero3_upstream.py reproduces the upstream behaviour.
+    """
+    from transformers.integrations import deepspeed as hf_ds
+
+    published = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref else None
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if published is not None:
+            hf_ds.set_hf_deepspeed_config(published)

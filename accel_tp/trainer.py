@@ -24,7 +24,7 @@ from .data import ShardedLoader, data_fingerprint, eval_batches, load_or_build_t
 from .env import apply_worker_env, quiet_libraries
 from .export import export_hf
 from .metrics import MetricsLog, flat_config, flops_per_token, mfu, peak_bf16_flops, plot_losses, summary_line
-from .model import build_model, load_tokenizer, model_config, model_fingerprint
+from .model import build_model, load_tokenizer, model_config, model_fingerprint, param_groups
 from .parallel import (
     Topology,
     build_deepspeed_config,
@@ -32,6 +32,7 @@ from .parallel import (
     global_batch_size,
     make_deepspeed_plugin,
     resolve_precision,
+    without_hf_zero3_init,
 )
 from .parallelize import apply_after_sharding, apply_before_sharding, check_device_support
 
@@ -66,15 +67,6 @@ def lr_lambda(cfg: Config, total_steps: int):  # -> Callable[[int], float]
         return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * shape
 
     return factor
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass
@@ -212,7 +204,8 @@ def build_model_and_optimizer(
 ) -> tuple[Any, Any, Any, int]:
     """The DeepSpeed engine (AutoTP-sharded, ZeRO-partitioned), its optimizer and LR scheduler, and
     the unsharded model's parameter count."""
-    model = build_model(cfg.model, mconf, cfg.run.seed)
+    with without_hf_zero3_init():  # whole, then partitioned by prepare(): the same init for every stage
+        model = build_model(cfg.model, mconf, cfg.run.seed)
     levers = apply_before_sharding(model, cfg, topo.tp_size)
     n_params = sum(p.numel() for p in model.parameters())
     tr = cfg.train
