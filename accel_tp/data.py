@@ -235,14 +235,16 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     ).hexdigest()[:16]
 
 
-def cache_key(section: DataSection, tokenizer: Any) -> str:
+def _data_spec(section: DataSection, tokenizer: Any, file_mtimes: bool) -> dict[str, Any]:
+    """The data settings that decide the tokenized rows (files by path, size and, for the cache,
+    modification time)."""
     files = []
     for f in section.files:
         p = Path(f).expanduser().resolve()
         st = p.stat() if p.exists() else None
-        files.append([str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
-    spec = {
-        "v": _CACHE_VERSION,
+        entry = [str(p), st.st_size if st else None]
+        files.append(entry + [st.st_mtime_ns if st else None] if file_mtimes else entry)
+    return {
         "source": section.source,
         "name": section.name,
         "config_name": section.config_name,
@@ -256,35 +258,22 @@ def cache_key(section: DataSection, tokenizer: Any) -> str:
         "eval": [section.eval_split, section.eval_fraction],
         "tokenizer": _tokenizer_fingerprint(tokenizer),
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _digest(spec: dict[str, Any], n: int) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def cache_key(section: DataSection, tokenizer: Any) -> str:
+    return _digest({"v": _CACHE_VERSION, **_data_spec(section, tokenizer, file_mtimes=True)}, 20)
 
 
 def data_fingerprint(section: DataSection, tokenizer: Any, seed: int, num_rows: int) -> str:
     """What decides the training data's order: source, files (paths and sizes), split, percentage,
     seq_length, packing, tokenizer, seed and shuffle (and the row count they give). A resume must
     match it, or the data position would point into different data."""
-    files = []
-    for f in section.files:
-        p = Path(f).expanduser().resolve()
-        files.append([str(p), p.stat().st_size if p.exists() else None])
-    spec = {
-        "source": section.source,
-        "name": section.name,
-        "config_name": section.config_name,
-        "split": section.split,
-        "files": files,
-        "text_field": section.text_field,
-        "percentage": section.percentage,
-        "seq_length": section.seq_length,
-        "min_tokens": section.min_tokens,
-        "packing": section.packing,
-        "eval": [section.eval_split, section.eval_fraction],
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "seed": seed,
-        "shuffle": section.shuffle,
-        "rows": num_rows,
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    spec = _data_spec(section, tokenizer, file_mtimes=False)
+    return _digest({**spec, "seed": seed, "shuffle": section.shuffle, "rows": num_rows}, 16)
 
 
 def load_or_build_tokenized(
