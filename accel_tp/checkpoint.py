@@ -7,13 +7,24 @@ Both variants wrap `accelerator.save_state` / `load_state`, i.e. DeepSpeed's nat
 runs keep numbered folders under the run's output directory. Given the run's config, both also
 write it into each checkpoint (`accel_tp_config.yaml`), so the checkpoint names its model and
 tokenizer (scripts/export_hf.py reads it).
+
+A checkpoint saved on another tp x dp layout or ZeRO stage is resharded: converted once with
+DeepSpeed's universal checkpoint converter (deepspeed/checkpoint/ds_to_universal.py) into a cache
+folder beside it (`step_N.universal`; the original is never modified) and loaded from there with the
+engine's `load_universal_checkpoint` switched on for that one load. Measured with DeepSpeed 0.19.8
+(tp2xdp2 ZeRO-1 -> tp1xdp4, tp4xdp1, tp2xdp1, tp1xdp1, tp2xdp2 ZeRO-2): every fp32 master weight and
+Adam moment is bit-identical after the load, and the continuation gives the losses of continuing
+on the original layout to float rounding (tests/test_reshard.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +40,9 @@ __all__ = [
     "latest_checkpoint",
     "peek_train_state",
     "check_resume",
+    "reshard_plan",
+    "universal_cache_for",
+    "convert_to_universal",
     "check_run_folder",
     "write_run_config",
     "RUN_CONFIG_FILE",
@@ -40,6 +54,11 @@ _PREFIX = "step_"
 # The run's config (YAML), written into every checkpoint when the checkpointer is given it, so a
 # checkpoint says which model and tokenizer it belongs to (scripts/export_hf.py reads it).
 RUN_CONFIG_FILE = "accel_tp_config.yaml"
+# A step folder's universal (layout-free) conversion sits beside it under this suffix; steps_under
+# never lists it ("00000008.universal" is not all digits).
+UNIVERSAL_SUFFIX = ".universal"
+# The DeepSpeed checkpoint tag Accelerate's save_state / load_state use for the (first) model.
+_DS_TAG = "pytorch_model"
 
 
 @dataclass
@@ -54,8 +73,16 @@ class TrainState:
     tokens: int = 0  # real (non-padding) tokens seen, all DP ranks together
     global_batch_size: int = 0  # sequences per optimizer step when saved; a resume must match
     model: str = ""  # fingerprint of the model's shape; a resume must match
-    layout: str = ""  # "tp2xdp2": DeepSpeed's shards and partitions follow it; a resume must match
+    # "tp2xdp2" and the ZeRO stage (0: not recorded): DeepSpeed's shards and partitions follow them;
+    # a resume on another layout or stage is resharded through DeepSpeed's universal checkpoint.
+    layout: str = ""
     data: str = ""  # fingerprint of the training data and its order (data_fingerprint); must match
+    zero_stage: int = 0
+
+    # Only the position comes back from a checkpoint. The identity fields (global batch, model,
+    # layout, data, ZeRO stage) stay what this run computed: check_resume has compared them, and a
+    # resharded run's next checkpoint must name the layout it was saved on.
+    POSITION = ("step", "samples", "tokens")
 
     def state_dict(self) -> dict[str, int | str]:
         return asdict(self)
@@ -65,9 +92,9 @@ class TrainState:
         if "samples" not in state and "micro_batches" in state:
             # Checkpoints before the position was in samples: every step consumed one global batch.
             state["samples"] = state["step"] * state.get("global_batch_size", 0)
-        for k, v in state.items():
-            if k in self.__dataclass_fields__:
-                setattr(self, k, v)
+        for k in self.POSITION:
+            if k in state:
+                setattr(self, k, state[k])
 
 
 class Checkpointer(Protocol):
@@ -108,24 +135,27 @@ def peek_train_state(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) -> None:
-    """Refuse, before anything is loaded, a checkpoint of another model or another global batch."""
+    """Refuse, before anything is loaded, a checkpoint of another model, data or global batch.
+
+    Another tp x dp layout or ZeRO stage is accepted: `load` reshards it (see reshard_plan).
+    """
     if saved is None:
         raise ValueError(
             f"{where}: not an accel-tp checkpoint (no custom_checkpoint_0.pkl with the train state)."
+        )
+    plan = reshard_plan(saved, current)
+    if plan and 3 in (int(saved.get("zero_stage") or 0), int(current.zero_stage or 0)):
+        # Resharding is tested for ZeRO-1/2 (DeepSpeed's ds_to_universal merges their optimizer
+        # partitions); ZeRO-3 keeps the weights in its own partition files, which that path has not
+        # been checked on: refuse rather than continue a different model.
+        raise ValueError(
+            f"{where}: resharding {plan} is not supported yet (to or from ZeRO-3); resume with the "
+            "checkpoint's parallelism.tp_size / dp_size and deepspeed.zero_stage."
         )
     if saved.get("model") and current.model and saved["model"] != current.model:
         raise ValueError(
             f"{where}: checkpoint is of another model ({saved['model']}), this run builds {current.model}. "
             "Point the resume at a checkpoint of this model, or change model.* back."
-        )
-    if saved.get("layout") and current.layout and saved["layout"] != current.layout:
-        # DeepSpeed's universal checkpoint converts between layouts, but in our test (tp2xdp2 ->
-        # tp1xdp4 / tp4xdp1, DeepSpeed 0.19.8) the continuation did not match continuing on the
-        # original layout (3% loss difference within 10 steps), so it is refused, not loaded wrong.
-        raise ValueError(
-            f"{where}: checkpoint was saved on layout {saved['layout']}, this run is {current.layout}. "
-            "Resuming on another tp x dp layout is not supported; resume with the original "
-            "parallelism.tp_size and dp_size."
         )
     if saved.get("data") and current.data and saved["data"] != current.data:
         raise ValueError(
@@ -141,6 +171,144 @@ def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) 
             f"{current.global_batch_size} (micro_batch_size x grad_accum_steps x dp_size); the data "
             "position would not line up. Resume with the same batch settings."
         )
+
+
+def _describe(layout: str, stage: int) -> str:
+    return f"{layout or '?'} ZeRO-{stage}" if stage else (layout or "?")
+
+
+def reshard_plan(saved: dict[str, Any], current: TrainState) -> str | None:
+    """'tp2xdp2 ZeRO-1 -> tp1xdp4 ZeRO-2' when the checkpoint's layout or ZeRO stage differs from
+    this run's (it must then be loaded as a universal checkpoint), None when it loads natively.
+    A field either side did not record (old checkpoints: no zero_stage) counts as the same."""
+    s_layout, c_layout = saved.get("layout") or "", current.layout
+    s_stage, c_stage = int(saved.get("zero_stage") or 0), int(current.zero_stage or 0)
+    layout_differs = bool(s_layout and c_layout and s_layout != c_layout)
+    stage_differs = bool(s_stage and c_stage and s_stage != c_stage)
+    if not (layout_differs or stage_differs):
+        return None
+    return f"{_describe(s_layout, s_stage)} -> {_describe(c_layout, c_stage)}"
+
+
+def _zero_stage_of(accelerator: Any) -> int:
+    """The ZeRO stage of the accelerator's DeepSpeed plugin (0 when it has none, e.g. a stand-in)."""
+    try:
+        plugin = accelerator.state.deepspeed_plugin
+        return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) or 0)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+def _fill_zero_stage(state: TrainState, accelerator: Any) -> None:
+    # trainer.setup records it; until then (or for callers that do not) take it from the plugin.
+    if not state.zero_stage:
+        state.zero_stage = _zero_stage_of(accelerator)
+
+
+def universal_cache_for(path: str | os.PathLike) -> Path:
+    """Where the universal conversion of a local step folder is cached: beside it, `<name>.universal`."""
+    path = Path(path)
+    return path.with_name(path.name + UNIVERSAL_SUFFIX)
+
+
+def convert_to_universal(src: str | os.PathLike, dest: str | os.PathLike) -> float:
+    """Convert the accel-tp checkpoint `src` into a universal one at `dest` (seconds taken; 0 if
+    `dest` already exists). Written under a temporary name and renamed when complete; `src` is only
+    read. `dest` holds what Accelerate's load_state reads: the universal `pytorch_model/` tree
+    (per-parameter fp32 / exp_avg / exp_avg_sq / step, plus the mp_rank model-state files) and
+    copies of the checkpoint's top-level files (custom_checkpoint_*.pkl, random_states_*.pkl, the
+    run config). The converter's own output goes to `<dest>/convert.log`."""
+    import argparse
+
+    src, dest = Path(src), Path(dest)
+    if dest.is_dir():
+        return 0.0
+    from deepspeed.checkpoint import ds_to_universal
+
+    t0 = time.perf_counter()
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    args = argparse.Namespace(
+        input_folder=str(src / _DS_TAG),
+        output_folder=str(tmp / _DS_TAG),
+        # In-process, one worker: the converter forks a pool for more, which a trainer process
+        # (threads, process group) should not do; 125M converts in ~13 s either way.
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    with (
+        open(tmp / "convert.log", "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        ds_to_universal.main(args)
+    os.replace(tmp, dest)
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _universal_load(accelerator: Any):
+    """Switch the DeepSpeed engines' `load_universal_checkpoint` on for one load, then off again
+    (the engine reads it in load_checkpoint and in later loads)."""
+    configs = [m._config for m in getattr(accelerator, "_models", []) if hasattr(m, "_config")]
+    if not configs:
+        raise RuntimeError("resharding a checkpoint needs the DeepSpeed engine (accelerator.prepare) first.")
+    before = [c.load_universal_checkpoint for c in configs]
+    for c in configs:
+        c.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        for c, b in zip(configs, before):
+            c.load_universal_checkpoint = b
+
+
+def _load(
+    accelerator: Any, state: TrainState, path: str, where: str, cache: Path | None, node_local: bool
+) -> None:
+    """check_resume, then load `path` natively, or resharded through the universal cache `cache`
+    (default: beside `path`). `node_local`: the cache is in node-local temporary space (a remote
+    Ray checkpoint), converted by each node's local main process and removed after the load."""
+    saved = peek_train_state(path)
+    check_resume(saved, state, where)
+    plan = reshard_plan(saved, state)
+    if plan is None:
+        accelerator.load_state(path)
+        return
+    cache = cache or universal_cache_for(path)
+    converter = accelerator.is_local_main_process if node_local else accelerator.is_main_process
+    error = None
+    if converter:
+        try:
+            convert_to_universal(path, cache)
+        except Exception as e:  # noqa: BLE001 - every rank must pass the barrier, then fail together
+            error = e
+    accelerator.wait_for_everyone()
+    if error is not None:
+        raise RuntimeError(f"{where}: converting {path} to a universal checkpoint failed: {error}") from error
+    if not (cache / _DS_TAG).is_dir():
+        raise RuntimeError(
+            f"{where}: the universal checkpoint {cache} is missing (its conversion failed on rank 0)."
+        )
+    if accelerator.is_main_process:
+        print(
+            f"[accel-tp] resharding checkpoint {Path(path).name}: {plan} "
+            f"(DeepSpeed universal checkpoint, cached in {cache})",
+            flush=True,
+        )
+    with _universal_load(accelerator):
+        accelerator.load_state(str(cache))
+    if node_local:
+        accelerator.wait_for_everyone()
+        if accelerator.is_local_main_process:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def check_run_folder(run_dir: str | os.PathLike, resume_from: str | None, run_name: str) -> None:
@@ -235,6 +403,7 @@ class LocalCheckpointer:
 
     def save(self, step: int, metrics: dict[str, Any]) -> str:
         acc = self.accelerator
+        _fill_zero_stage(self.state, acc)
         final = self.root / f"{_PREFIX}{step:08d}"
         tmp = self.root / f".tmp-{_PREFIX}{step:08d}"
         if acc.is_main_process:
@@ -250,10 +419,13 @@ class LocalCheckpointer:
             # A crash before this rename leaves only a .tmp- folder, which load() never picks.
             if final.exists():
                 shutil.rmtree(final)
+            # A conversion of an earlier folder of this name would no longer match it.
+            shutil.rmtree(universal_cache_for(final), ignore_errors=True)
             os.replace(tmp, final)
             if self.keep_last:
                 for old in sorted(steps_under(self.root))[: -self.keep_last]:
                     shutil.rmtree(old[1], ignore_errors=True)
+                    shutil.rmtree(universal_cache_for(old[1]), ignore_errors=True)
         acc.wait_for_everyone()
         return str(final)
 
@@ -276,16 +448,17 @@ class LocalCheckpointer:
 
     def precheck(self) -> None:
         """Refuse an incompatible checkpoint before the model is even built."""
+        _fill_zero_stage(self.state, self.accelerator)
         path = self._resume_path()
         if path is not None:
             check_resume(peek_train_state(path), self.state, "checkpoint.resume_from")
 
     def load(self) -> int:
+        _fill_zero_stage(self.state, self.accelerator)
         path = self._resume_path()
         if path is None:
             return 0
-        check_resume(peek_train_state(path), self.state, "checkpoint.resume_from")
-        self.accelerator.load_state(str(path))
+        _load(self.accelerator, self.state, str(path), "checkpoint.resume_from", None, node_local=False)
         return self.state.step
 
 
@@ -320,6 +493,7 @@ class RayCheckpointer:
     def precheck(self) -> None:
         import ray.train
 
+        _fill_zero_stage(self.state, self.accelerator)
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as path:
@@ -328,10 +502,19 @@ class RayCheckpointer:
     def load(self) -> int:
         import ray.train
 
+        _fill_zero_stage(self.state, self.accelerator)
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return 0
         with ckpt.as_directory() as path:
-            check_resume(peek_train_state(path), self.state, "ray checkpoint")
-            self.accelerator.load_state(path)
+            # Local storage: as_directory is the storage folder itself, so a resharding conversion
+            # is cached beside it like a local checkpoint's. Remote storage: `path` is a download
+            # (shared by the node's workers); convert into node-local temporary space instead,
+            # named after the checkpoint's storage path, and remove it after the load.
+            local = Path(path).resolve() == Path(str(ckpt.path)).resolve()
+            cache = None
+            if not local:
+                key = hashlib.sha256(str(ckpt.path).encode()).hexdigest()[:16]
+                cache = Path(tempfile.gettempdir()) / f"accel-tp-universal-{key}"
+            _load(self.accelerator, self.state, str(path), "ray checkpoint", cache, node_local=not local)
         return self.state.step

@@ -251,11 +251,14 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         model=model_fingerprint(mconf),
         layout=f"tp{topo.tp_size}xdp{topo.dp_size}",
         data=data_fingerprint(cfg.data, tokenizer, cfg.run.seed, loader.sampler.num_samples),
+        zero_stage=cfg.deepspeed.zero_stage,
     )
     checkpointer = build_checkpointer(cfg, accelerator, state, under_ray, run_dir)
     if not under_ray:
         metrics_path = metrics_path or run_dir / "metrics.jsonl"
-    checkpointer.precheck()  # a checkpoint of another model or batch fails here, before the model is built
+    # A checkpoint of another model, data or batch fails here, before the model is built; another
+    # layout or ZeRO stage is resharded in load().
+    checkpointer.precheck()
     model, optimizer, scheduler, n_params = build_model_and_optimizer(
         cfg, accelerator, topo, mconf, total_steps
     )

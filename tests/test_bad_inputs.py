@@ -123,8 +123,12 @@ class NoLoad:
         ),
         ({"model": "tiny", "global_batch_size": 16}, r"global batch of 16 sequences, this run has 8"),
         (
-            {"model": "tiny", "global_batch_size": 8, "layout": "tp2xdp2"},
-            r"saved on layout tp2xdp2, this run is tp1xdp4",
+            {"model": "tiny", "global_batch_size": 8, "layout": "tp2xdp2", "zero_stage": 3},
+            r"resharding tp2xdp2 ZeRO-3 -> tp1xdp4 .* is not supported yet",
+        ),
+        (
+            {"model": "tiny", "global_batch_size": 8, "data": "another-data-fingerprint"},
+            r"checkpoint was trained on other data or another data order",
         ),
     ],
 )
@@ -133,7 +137,7 @@ def test_incompatible_checkpoint_is_refused_untouched(tmp_path, saved, match):
     before = _digest(ckpt)
     ck = LocalCheckpointer(
         NoLoad(),
-        TrainState(global_batch_size=8, model="tiny", layout="tp1xdp4"),
+        TrainState(global_batch_size=8, model="tiny", layout="tp1xdp4", data="this-run-data", zero_stage=1),
         tmp_path / "ckpt",
         str(ckpt),
     )

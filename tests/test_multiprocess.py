@@ -196,12 +196,13 @@ def test_hf_export_matches_trained_tp_model(runs, zero):
     torch.testing.assert_close(out.logits, check["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_resume_continues_at_exact_step(runs, tmp_path, cache):
-    full = runs(2, 2)
+@pytest.mark.parametrize("zero", [1, 3])
+def test_resume_continues_at_exact_step(runs, tmp_path, cache, zero):
+    full = runs(2, 2, zero)
     ckpt = full["dir"] / "checkpoints" / "step_00000010"
     assert (ckpt / "custom_checkpoint_0.pkl").is_file()
     # Another run's checkpoint: the resume must opt in (loading unpickles).
-    ov = {**base_overrides(cache, tmp_path), **layout(2, 2), "checkpoint.allow_external_resume": True}
+    ov = {**base_overrides(cache, tmp_path), **layout(2, 2, zero), "checkpoint.allow_external_resume": True}
     proc = accelerate_launch(4, ov, extra=["--resume", str(ckpt)])
     assert proc.returncode == 0
     resumed = read_metrics(tmp_path / str(ov["run.name"]) / "metrics.jsonl")
@@ -215,6 +216,36 @@ def test_resume_continues_at_exact_step(runs, tmp_path, cache):
             b["grad_norm"],
             b["tokens_seen"],
         )
+
+
+def test_zero3_from_pretrained_first_loss_equals_the_plain_model(tmp_path, cache):
+    """A pretrained model (save_pretrained folder) under ZeRO-3 x AutoTP (tp2 x dp1, accumulation 4):
+    its first loss is the plain Hugging Face model's on the same batch (tests/reference.py loads the
+    folder with from_pretrained), and the next steps follow the reference too."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from accel_tp.model import architecture_config, load_tokenizer
+
+    base = load_config(TINY, [f"data.cache_dir={cache}"])
+    tok = load_tokenizer(base.model, cache)
+    torch.manual_seed(123)  # another init than the runs' seed: the weights must come from the folder
+    AutoModelForCausalLM.from_config(architecture_config("tiny", len(tok))).save_pretrained(tmp_path / "pre")
+    ov = {
+        **base_overrides(cache, tmp_path),
+        **layout(2, 1, 3),
+        "model.architecture": "null",
+        "model.name_or_path": str(tmp_path / "pre"),
+        "train.max_steps": 4,
+        "data.eval_fraction": 0.05,
+        "checkpoint.export_hf": False,
+        "checkpoint.every_steps": 0,
+    }
+    proc = accelerate_launch(2, ov)
+    assert proc.returncode == 0
+    got = losses(read_metrics(tmp_path / str(ov["run.name"]) / "metrics.jsonl"))
+    want = run_reference(load_config(TINY, [f"{k}={v}" for k, v in ov.items()]), GLOBAL_BATCH)["losses"]
+    assert_close(got, want)
 
 
 @pytest.mark.parametrize("micro,how", [(4, "latest"), (1, "external")])

@@ -1,0 +1,211 @@
+"""Resuming on another tp x dp layout or ZeRO stage: the checkpoint is converted once with DeepSpeed's
+universal checkpoint converter into a cache beside it and loaded from there (accel_tp/checkpoint.py).
+
+The multi-process tests (slow) train tp2 x dp2 ZeRO-1 for 16 steps with a checkpoint at step 8, then
+continue from that checkpoint to step 16 on other layouts and ZeRO-2. The universal load restores
+every fp32 master weight and Adam moment bit for bit, and the data position is in samples, so steps
+9-16 see the same samples and give the uninterrupted run's losses up to float rounding of the other
+reduction order (measured worst below; asserted 1e-5, while a wrong shard, moment or data position
+moves the loss by >1e-3 within a step or two).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from accel_tp.checkpoint import (
+    LocalCheckpointer,
+    TrainState,
+    check_resume,
+    latest_checkpoint,
+    peek_train_state,
+    reshard_plan,
+    steps_under,
+    universal_cache_for,
+)
+
+from .mp_utils import accelerate_launch, read_metrics
+
+STEPS = 16
+EVERY = 8
+GLOBAL_BATCH = 8
+MICRO = 2
+RTOL = 1e-5
+RESHARD_LINE = "[accel-tp] resharding checkpoint step_00000008: "
+
+
+def overrides(cache: Path, out: Path, tp: int, dp: int, zero: int = 1) -> dict[str, object]:
+    return {
+        "run.seed": 7,
+        "run.output_dir": str(out),
+        "run.name": f"tp{tp}-dp{dp}-z{zero}",
+        "data.cache_dir": str(cache),
+        "data.seq_length": 64,
+        "data.eval_fraction": 0.05,
+        "deepspeed.precision": "fp32",
+        "deepspeed.gradient_clipping": 1.0,
+        "deepspeed.zero_stage": zero,
+        "parallelism.tp_size": tp,
+        "parallelism.dp_size": dp,
+        "train.max_steps": STEPS,
+        "train.warmup_steps": 2,
+        "train.learning_rate": 2e-3,
+        "train.weight_decay": 0.1,
+        "train.micro_batch_size": MICRO,
+        "train.grad_accum_steps": GLOBAL_BATCH // (MICRO * dp),
+        "train.log_every": 1,
+        "train.progress_bar": False,
+        "checkpoint.every_steps": EVERY,
+        "checkpoint.at_end": False,
+        "checkpoint.export_hf": False,
+    }
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> dict:
+    """tp2 x dp2 ZeRO-1, 16 uninterrupted steps, checkpoints at 8 and 16 (4 gloo processes)."""
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("source")
+    ov = overrides(cache, out, 2, 2)
+    proc = accelerate_launch(4, ov)
+    assert proc.returncode == 0
+    run_dir = out / str(ov["run.name"])
+    ckpt = run_dir / "checkpoints" / "step_00000008"
+    return {
+        "cache": cache,
+        "metrics": read_metrics(run_dir / "metrics.jsonl"),
+        "ckpt": ckpt,
+        "hash": digest(ckpt),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tp,dp,zero",
+    [(1, 4, 1), (4, 1, 1), (2, 1, 1), (1, 1, 1), (2, 2, 2)],
+    ids=["tp1xdp4", "tp4xdp1", "tp2xdp1", "tp1xdp1", "tp2xdp2-zero2"],
+)
+def test_resume_on_another_layout_continues_the_run(source, tmp_path, tp, dp, zero):
+    ckpt = source["ckpt"]
+    saved = peek_train_state(ckpt)
+    assert (saved["layout"], saved["zero_stage"], saved["step"]) == ("tp2xdp2", 1, EVERY)
+    ov = {**overrides(source["cache"], tmp_path, tp, dp, zero), "checkpoint.allow_external_resume": True}
+    proc = accelerate_launch(tp * dp, ov, extra=["--resume", str(ckpt)])
+    assert proc.returncode == 0
+    text = proc.stdout + proc.stderr
+    lines = [line for line in text.splitlines() if "[accel-tp] resharding checkpoint" in line]
+    cache = universal_cache_for(ckpt)
+    want = f"{RESHARD_LINE}tp2xdp2 ZeRO-1 -> tp{tp}xdp{dp} ZeRO-{zero} (DeepSpeed universal checkpoint, cached in {cache})"
+    assert lines == [want], lines
+    # The original is untouched; the conversion sits beside it and is not taken for a step folder.
+    assert digest(ckpt) == source["hash"]
+    assert (cache / "pytorch_model" / "zero").is_dir()
+    assert [p for _, p in steps_under(ckpt.parent)] and cache not in [p for _, p in steps_under(ckpt.parent)]
+    assert latest_checkpoint(ckpt.parent).name == "step_00000016"
+
+    run_dir = tmp_path / str(ov["run.name"])
+    resumed = read_metrics(run_dir / "metrics.jsonl")
+    tail = source["metrics"][EVERY:]
+    assert [m["step"] for m in resumed] == list(range(EVERY + 1, STEPS + 1))
+    assert [m["tokens_seen"] for m in resumed] == [m["tokens_seen"] for m in tail]
+    got, ref = [m["loss"] for m in resumed], [m["loss"] for m in tail]
+    worst = max(abs(g - w) / abs(w) for g, w in zip(got, ref))
+    print(f"tp{tp}xdp{dp} ZeRO-{zero}: worst relative loss difference over steps 9-16 {worst:.2e}")
+    assert worst <= RTOL, f"{worst:.2e}\n got {got}\nwant {ref}"
+    # The resumed run's own checkpoint names the layout and stage it was saved on.
+    own = peek_train_state(run_dir / "checkpoints" / "step_00000016")
+    assert (own["layout"], own["zero_stage"], own["step"]) == (f"tp{tp}xdp{dp}", zero, STEPS)
+    assert own["samples"] == STEPS * GLOBAL_BATCH
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast: what is accepted, what is still refused before anything loads, what a load restores.
+
+
+class NoLoad:
+    """Fails the test if anything reaches the real load (or the conversion's barrier)."""
+
+    is_main_process = True
+    is_local_main_process = True
+
+    def load_state(self, path):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("an incompatible checkpoint reached load_state")
+
+    def wait_for_everyone(self):  # pragma: no cover
+        raise AssertionError("an incompatible checkpoint reached the conversion")
+
+
+def _checkpoint(tmp_path: Path, **state) -> Path:
+    ckpt = tmp_path / "ckpt" / "step_00000010"
+    ckpt.mkdir(parents=True)
+    torch.save(TrainState(step=10, **state).state_dict(), ckpt / "custom_checkpoint_0.pkl")
+    (ckpt / "pytorch_model").mkdir()
+    (ckpt / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    return ckpt
+
+
+SAVED = {"model": "tiny", "global_batch_size": 8, "layout": "tp2xdp2", "data": "d1", "zero_stage": 1}
+CURRENT = {"model": "tiny", "global_batch_size": 8, "layout": "tp1xdp4", "data": "d1", "zero_stage": 2}
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"model": "qwen2:896-24"}, r"checkpoint is of another model \(qwen2:896-24\)"),
+        ({"global_batch_size": 16}, r"global batch of 16 sequences, this run has 8"),
+        ({"data": "d2"}, r"other data or another data order"),
+    ],
+)
+def test_other_batch_model_or_data_still_refused_before_anything_loads(tmp_path, change, match):
+    ckpt = _checkpoint(tmp_path, **{**SAVED, **change})
+    before = digest(ckpt)
+    ck = LocalCheckpointer(NoLoad(), TrainState(**CURRENT), tmp_path / "run", str(ckpt), allow_external=True)
+    with pytest.raises(ValueError, match=match):
+        ck.precheck()
+    with pytest.raises(ValueError, match=match):
+        ck.load()
+    assert digest(ckpt) == before and not universal_cache_for(ckpt).exists()
+
+
+def test_another_layout_or_stage_is_accepted_and_planned():
+    check_resume(SAVED, TrainState(**CURRENT), "x")  # no refusal
+    assert reshard_plan(SAVED, TrainState(**CURRENT)) == "tp2xdp2 ZeRO-1 -> tp1xdp4 ZeRO-2"
+    assert (
+        reshard_plan(SAVED, TrainState(**{**CURRENT, "zero_stage": 1})) == "tp2xdp2 ZeRO-1 -> tp1xdp4 ZeRO-1"
+    )
+    assert (
+        reshard_plan(SAVED, TrainState(**{**CURRENT, "layout": "tp2xdp2"}))
+        == "tp2xdp2 ZeRO-1 -> tp2xdp2 ZeRO-2"
+    )
+    assert reshard_plan(SAVED, TrainState(**{**CURRENT, "layout": "tp2xdp2", "zero_stage": 1})) is None
+    # A stage either side did not record (older checkpoints) counts as the same.
+    assert reshard_plan({**SAVED, "zero_stage": 0}, TrainState(**{**CURRENT, "layout": "tp2xdp2"})) is None
+    assert reshard_plan(SAVED, TrainState(**{**CURRENT, "layout": "tp2xdp2", "zero_stage": 0})) is None
+
+
+def test_load_restores_only_the_position():
+    state = TrainState(**CURRENT)
+    state.load_state_dict({**SAVED, "step": 8, "samples": 64, "tokens": 999, "model": "other"})
+    assert (state.step, state.samples, state.tokens) == (8, 64, 999)
+    assert {k: getattr(state, k) for k in CURRENT} == CURRENT
+
+
+def test_universal_cache_is_beside_and_not_a_step(tmp_path):
+    (tmp_path / "step_00000008").mkdir()
+    cache = universal_cache_for(tmp_path / "step_00000008")
+    assert cache == tmp_path / "step_00000008.universal"
+    cache.mkdir()
+    assert [p for _, p in steps_under(tmp_path)] == [tmp_path / "step_00000008"]
