@@ -27,3 +27,14 @@ def hang_in_save(point: str, step: int, rank: int, folder: str) -> None:
     Path(f"{marker}.tmp").write_text(str(os.getpid()))
     os.replace(f"{marker}.tmp", marker)  # the test never reads a half-written pid
     time.sleep(600)
+
+
+FAIL_HOOK = "tests.faults:fail_in_save"
+FAIL_ENV = "FAIL_IN_SAVE"
+
+
+def fail_in_save(point: str, step: int, rank: int, folder: str) -> None:
+    """Raise inside the save of step $FAIL_IN_SAVE (every rank), before it is reported: the run
+    fails there and its previous checkpoint stays the latest."""
+    if point == "written" and os.environ.get(FAIL_ENV) == str(step):
+        raise RuntimeError(f"injected failure in the step-{step} save")

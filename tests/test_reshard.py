@@ -61,7 +61,7 @@ def overrides(cache: Path, out: Path, tp: int, dp: int, zero: int = 1) -> dict[s
         "train.progress_bar": False,
         "checkpoint.every_steps": EVERY,
         "checkpoint.at_end": False,
-        "checkpoint.export_hf": False,
+        "checkpoint.export_hf": True,
     }
 
 
@@ -86,6 +86,7 @@ def source(tmp_path_factory) -> dict:
     ckpt = run_dir / "checkpoints" / "step_00000008"
     return {
         "cache": cache,
+        "dir": run_dir,
         "metrics": read_metrics(run_dir / "metrics.jsonl"),
         "ckpt": ckpt,
         "hash": digest(ckpt),
@@ -129,6 +130,53 @@ def test_resume_on_another_layout_continues_the_run(source, tmp_path, tp, dp, ze
     own = peek_train_state(run_dir / "checkpoints" / "step_00000016")
     assert (own["layout"], own["zero_stage"], own["step"]) == (f"tp{tp}xdp{dp}", zero, STEPS)
     assert own["samples"] == STEPS * GLOBAL_BATCH
+
+
+@pytest.mark.slow
+def test_ray_run_restored_under_its_name_on_another_layout(source, tmp_path):
+    """Through Ray: a run saved as tp2 x dp1 and restored under its name as tp1 x dp2 continues from
+    its step-8 checkpoint with the uninterrupted tp2 x dp2 run's losses, and its export gives that
+    run's exported model's logits."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from . import faults
+    from .mp_utils import ROOT, TINY, _env, set_args
+
+    def ray_run(tp: int, dp: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+        ov = {
+            **overrides(source["cache"], tmp_path, tp, dp),
+            "run.name": "restored",
+            "ray.storage_path": str(tmp_path / "ray"),
+        }
+        cmd = [sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY), *set_args(ov)]
+        return subprocess.run(
+            cmd, cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True, timeout=900
+        )
+
+    # tp2 x dp1 saves step 8, then fails in its step-16 save (the same 16-step schedule as the source).
+    first = ray_run(2, 1, {"ACCEL_TP_CHECKPOINT_HOOK": faults.FAIL_HOOK, faults.FAIL_ENV: str(STEPS)})
+    assert first.returncode != 0 and "injected failure in the step-16 save" in first.stdout + first.stderr
+    second = ray_run(1, 2, {})  # the same name: Ray restores it, accel-tp reshards
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    text = second.stdout + second.stderr
+    assert "tp2xdp1 ZeRO-1 -> tp1xdp2 ZeRO-1" in text and "steps=8->16" in text
+    run_dir = tmp_path / "ray" / "restored"
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    got, ref = [m["loss"] for m in metrics], [m["loss"] for m in source["metrics"]]
+    worst = max(abs(g - w) / abs(w) for g, w in zip(got, ref))
+    assert worst <= RTOL, f"{worst:.2e}\n got {got}\nwant {ref}"
+    # The resharded run's export against the export of the run that never changed layout.
+    check = torch.load(source["dir"] / "hf" / "export_check.pt")
+    logits = {}
+    for name, folder in (("resharded", run_dir / "hf"), ("uninterrupted", source["dir"] / "hf")):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits[name] = model(**check["batch"], use_cache=False).logits
+    torch.testing.assert_close(logits["resharded"], logits["uninterrupted"], rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
