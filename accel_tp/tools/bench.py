@@ -160,7 +160,8 @@ def _global(values: list[float], device: Any, tp_size: int) -> list[float]:
 def _reference_arm(
     cfg: Any, warmup: int, steps: int, tutorial: bool = False
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """The tutorial's loop: raw deepspeed.initialize, torch AdamW, ZeRO-1, bf16 master weights."""
+    """The tutorial's loop (raw deepspeed.initialize, torch AdamW, ZeRO-1), doing accel-tp's optimization;
+    `tutorial`: also its bf16 master weights."""
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
