@@ -20,7 +20,14 @@ import torch.distributed as dist
 
 from .checkpoint import Checkpointer, LocalCheckpointer, RayCheckpointer, TrainState
 from .config import Config
-from .data import ShardedLoader, data_fingerprint, eval_batches, load_or_build_tokenized, prepare_dataloader
+from .data import (
+    ShardedLoader,
+    data_fingerprint,
+    elect_cache_builder,
+    eval_batches,
+    load_or_build_tokenized,
+    prepare_dataloader,
+)
 from .env import apply_worker_env, quiet_libraries
 from .export import export_hf
 from .metrics import MetricsLog, flat_config, flops_per_token, mfu, peak_bf16_flops, plot_losses, summary_line
@@ -162,8 +169,9 @@ def build_data(
     cfg: Config, accelerator: Any, topo: Topology, tokenizer: Any
 ) -> tuple[ShardedLoader, list[dict[str, torch.Tensor]] | None]:
     """This DP rank's training loader and its share of the held-out batches (None: no eval data)."""
-    local_main, barrier = accelerator.is_local_main_process, accelerator.wait_for_everyone
-    dataset = load_or_build_tokenized(cfg.data, tokenizer, local_main, barrier)
+    # One rank per filesystem tokenizes (once per cluster on a shared cache, once per node on local disks).
+    builder, barrier = elect_cache_builder(cfg.data.resolved_cache_dir()), accelerator.wait_for_everyone
+    dataset = load_or_build_tokenized(cfg.data, tokenizer, builder, barrier)
     loader = prepare_dataloader(
         dataset,
         topo,
@@ -174,7 +182,7 @@ def build_data(
         pin_memory=accelerator.device.type == "cuda",
         grad_accum_steps=cfg.train.grad_accum_steps,
     )
-    eval_ds = load_or_build_tokenized(cfg.data, tokenizer, local_main, barrier, "eval")
+    eval_ds = load_or_build_tokenized(cfg.data, tokenizer, builder, barrier, "eval")
     eval_data = None
     if eval_ds is not None:
         eval_mb = cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size
