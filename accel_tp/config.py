@@ -46,6 +46,11 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the field and the fix."""
 
 
+def is_jinja_template(value: str) -> bool:
+    """model.chat_template holds a template itself (not a file path) when it has Jinja syntax."""
+    return "{%" in value or "{{" in value
+
+
 @dataclass
 class RunSection:
     # Name of the run: the Ray run name (checkpoints go to <ray.storage_path>/<name>) and the folder
@@ -79,6 +84,9 @@ class ModelSection:
     compile: bool = False
     # Recompute activations in the backward pass: only when memory requires it (costs ~1/3 more compute).
     activation_checkpointing: bool = False
+    # data.format chat: a Jinja chat template (a string holding "{%" or "{{") or the path of a file
+    # holding one; replaces the tokenizer's own template (and is saved with the HF export).
+    chat_template: str | None = None
 
     def validate(self) -> None:
         if (self.name_or_path is None) == (self.architecture is None):
@@ -89,6 +97,16 @@ class ModelSection:
         if self.architecture is not None and self.architecture not in ARCHITECTURES:
             raise ConfigError(
                 f"model.architecture: unknown {self.architecture!r}; valid: {list(ARCHITECTURES)}."
+            )
+        template = self.chat_template
+        if (
+            template is not None
+            and not is_jinja_template(template)
+            and not Path(template).expanduser().is_file()
+        ):
+            raise ConfigError(
+                f"model.chat_template: {template!r} is neither a Jinja template (no '{{%' or '{{{{') nor an "
+                "existing file; give the template itself or the path of a file holding it."
             )
         if self.architecture is not None and self.tokenizer is None:
             raise ConfigError(
@@ -107,8 +125,19 @@ class DataSection:
     split: str = "train"
     files: list[str] = field(default_factory=list)
     text_field: str = "text"
+    # text: one document per row in `text_field`; chat: one conversation per row, a list of
+    # {role, content} messages (roles system / user / assistant) in `messages_field`, rendered
+    # with the tokenizer's chat template (or model.chat_template).
+    format: Literal["text", "chat"] = "text"
+    messages_field: str = "messages"
+    # Which tokens carry the loss (chat): assistant = what the assistant produces (each assistant
+    # message's content and the end-of-turn marker after it); all = every token. None: assistant
+    # for chat, all for text (the only choice there).
+    loss_on: Literal["assistant", "all"] | None = None
     # Use only the first `percentage` percent of the split (the tutorial uses 5).
     percentage: float = 100.0
+    # Chat: a conversation longer than seq_length loses its tail, and one left with no labelled
+    # token is dropped (both counted in one log line per split).
     seq_length: int = 512
     # longest: pad each micro-batch to its longest sequence (rounded up to 8); max_length: pad
     # every sequence to seq_length (the tutorial's behaviour, kept for comparison).
@@ -155,10 +184,29 @@ class DataSection:
             raise ConfigError(f"data.percentage: must be in (0, 100], got {self.percentage}.")
         if self.seq_length < 8:
             raise ConfigError(f"data.seq_length: must be >= 8, got {self.seq_length}.")
+        if self.format == "text" and self.loss_on == "assistant":
+            raise ConfigError(
+                "data.loss_on: 'assistant' needs data.format: chat (text has no assistant turns); "
+                "remove data.loss_on or set data.format: chat."
+            )
+        if self.format == "chat" and self.packing == "concat":
+            raise ConfigError(
+                "data.packing: 'concat' cuts conversations anywhere; with data.format: chat use "
+                "'document' (whole conversations per row, no attention across them) or 'none'."
+            )
+        if self.format == "chat" and not self.messages_field:
+            raise ConfigError("data.messages_field: must name the column that holds the messages.")
         if self.min_tokens < 2:
             raise ConfigError(
                 f"data.min_tokens: must be >= 2 (a label needs a next token), got {self.min_tokens}."
             )
+
+    @property
+    def label_mode(self) -> str:
+        """The effective data.loss_on: 'assistant' or 'all'."""
+        if self.loss_on is not None:
+            return self.loss_on
+        return "assistant" if self.format == "chat" else "all"
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:

@@ -1,4 +1,4 @@
-"""Data: text sources, tokenization with a shared cache, and the dp-rank-sharded loader.
+"""Data: text and chat sources, tokenization with a shared cache, and the dp-rank-sharded loader.
 
 Under tensor parallelism every rank of a TP group must see the same batch, so the loader shards
 by dp_rank / dp_size (not by world rank): TP peers get identical batches, DP groups get disjoint
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .chat import IGNORE, check_chat_tokenizer, check_conversation, encode_conversation
 from .config import ConfigError, DataSection
 from .parallel import Topology
 
@@ -28,6 +29,8 @@ __all__ = [
     "data_fingerprint",
     "load_text_dataset",
     "tokenize_dataset",
+    "tokenize_chat_dataset",
+    "build_rows",
     "load_or_build_tokenized",
     "elect_cache_builder",
     "cache_problem",
@@ -40,6 +43,8 @@ __all__ = [
 _FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # Bump when tokenization changes, so stale caches are not reused.
 _CACHE_VERSION = 1
+# Per-token labels of chat rows (IGNORE outside what carries the loss); text rows have none.
+LABELS = "labels"
 
 
 def _first_percent(ds: Any, percentage: float) -> Any:
@@ -48,22 +53,32 @@ def _first_percent(ds: Any, percentage: float) -> Any:
     return ds.select(range(math.ceil(len(ds) * percentage / 100)))
 
 
-def check_data_sources(section: DataSection) -> None:
+def check_data_sources(section: DataSection, tokenizer: Any = None, files: bool = True) -> None:
     """Check local data files before any worker starts: they exist, are readable, parse, have the
-    text field, and hold at least one document. (Hub datasets are checked where they load.)"""
-    if section.source != "files":
+    text field (chat: every row's messages field holds {role, content} messages of known roles),
+    and hold at least one document; with a `tokenizer`, that chat data has a template to render
+    with (`files` False: only that). (Hub datasets are checked where they load.)"""
+    if section.format == "chat" and tokenizer is not None:
+        check_chat_tokenizer(tokenizer)
+    if section.source != "files" or not files:
         return
+    if section.format == "chat" and any(Path(f).suffix.lower() in (".txt", ".text") for f in section.files):
+        raise ConfigError(
+            "data.files: data.format: chat reads conversations from .jsonl / .json / .parquet files, "
+            f"not text files; got {section.files}."
+        )
     paths, _ = _data_files(section)
+    field = section.messages_field if section.format == "chat" else section.text_field
     documents = 0
     for p in paths:
         try:
-            documents += _count_documents(p, section.text_field)
+            documents += _count_documents(p, field, section.format == "chat")
         except PermissionError as e:
             raise ConfigError(f"data.files: cannot read {str(p)!r} ({e.strerror}).") from e
     if documents == 0:
         raise ConfigError(
             f"data.files: no documents in {[str(p) for p in paths]} (empty files, or every "
-            f"{section.text_field!r} is empty); add data or point data.files at other files."
+            f"{field!r} is empty); add data or point data.files at other files."
         )
 
 
@@ -81,9 +96,12 @@ def _data_files(section: DataSection) -> tuple[list[Path], str]:
     return paths, kinds.pop()
 
 
-def _count_documents(path: Path, field: str) -> int:
-    """Non-empty documents in one file; a parse error or a missing field names the file and line."""
+def _count_documents(path: Path, field: str, chat: bool = False) -> int:
+    """Non-empty documents (chat: conversations) in one file; a parse error, a missing field or a
+    malformed conversation names the file and row."""
     kind = _FILE_BUILDERS[path.suffix.lower()]
+    setting = "data.messages_field" if chat else "data.text_field"
+    what = "messages" if chat else "text"
     if kind == "text":
         with open(path, encoding="utf-8", errors="replace") as f:
             return sum(1 for line in f if line.strip())
@@ -97,9 +115,15 @@ def _count_documents(path: Path, field: str) -> int:
         names = pf.schema_arrow.names
         if field not in names:
             raise ConfigError(
-                f"data.text_field: column {field!r} not in {str(path)!r}; its columns: {names}. Set "
-                "data.text_field to one of them."
+                f"{setting}: column {field!r} not in {str(path)!r}; its columns: {names}. Set "
+                f"{setting} to one of them."
             )
+        if chat:  # one column at a time: the check never holds the whole file in memory
+            n = 0
+            for batch in pf.iter_batches(columns=[field]):
+                for messages in batch.column(0).to_pylist():
+                    n += 1
+                    check_conversation(messages, f"{str(path)!r} row {n}")
         return pf.metadata.num_rows
     with open(path, encoding="utf-8") as f:
         text = f.read()
@@ -124,10 +148,14 @@ def _count_documents(path: Path, field: str) -> int:
         if not isinstance(row, dict) or field not in row:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise ConfigError(
-                f"data.text_field: {str(path)!r} row {n} has no {field!r} field (it has {keys}); set "
-                "data.text_field to the field that holds the text."
+                f"{setting}: {str(path)!r} row {n} has no {field!r} field (it has {keys}); set "
+                f"{setting} to the field that holds the {what}."
             )
-        documents += bool(str(row[field] or "").strip())
+        if chat:
+            check_conversation(row[field], f"{str(path)!r} row {n}")
+            documents += 1
+        else:
+            documents += bool(str(row[field] or "").strip())
     return documents
 
 
@@ -145,13 +173,21 @@ def load_split(section: DataSection, which: str) -> Any:
 
 
 def load_text_dataset(section: DataSection, split: str | None = None) -> Any:
-    """A `datasets.Dataset` with a `text` column, from the embedded corpus, the hub, or local files."""
+    """A `datasets.Dataset` with a `text` column (chat: a `messages` column), from the embedded
+    corpus (chat: the embedded conversations), the hub, or local files."""
     import datasets
 
+    column = "messages" if section.format == "chat" else "text"
+    field = section.messages_field if section.format == "chat" else section.text_field
     if section.source == "embedded":
-        from .corpus import load_default_corpus
+        if section.format == "chat":
+            from .chat import load_default_conversations
 
-        ds = datasets.Dataset.from_dict({"text": load_default_corpus()})
+            ds = datasets.Dataset.from_dict({column: load_default_conversations()})
+        else:
+            from .corpus import load_default_corpus
+
+            ds = datasets.Dataset.from_dict({column: load_default_corpus()})
         return _first_percent(ds, section.percentage)
     if section.source == "hub":
         # The prefix is taken after loading (not as "train[:2.5%]", which datasets refuses for
@@ -170,13 +206,13 @@ def load_text_dataset(section: DataSection, split: str | None = None) -> Any:
         paths, kind = _data_files(section)
         ds = datasets.load_dataset(kind, data_files=[str(p) for p in paths], split="train")
         ds = _first_percent(ds, section.percentage)
-    if section.text_field not in ds.column_names:
-        raise ConfigError(
-            f"data.text_field: column {section.text_field!r} not in the dataset; columns: {ds.column_names}."
-        )
-    if section.text_field != "text":
-        ds = ds.rename_column(section.text_field, "text")
-    return ds.select_columns(["text"])
+    if field not in ds.column_names:
+        setting = "data.messages_field" if section.format == "chat" else "data.text_field"
+        raise ConfigError(f"{setting}: column {field!r} not in the dataset; columns: {ds.column_names}.")
+    ds = ds.select_columns([field])
+    if field != column:
+        ds = ds.rename_column(field, column)
+    return ds
 
 
 def tokenize_dataset(ds: Any, tokenizer: Any, seq_length: int | None, min_tokens: int) -> Any:
@@ -196,33 +232,105 @@ def tokenize_dataset(ds: Any, tokenizer: Any, seq_length: int | None, min_tokens
     return tok.filter(lambda ids: len(ids) >= min_tokens, input_columns="input_ids", desc="filter short")
 
 
-def _pack_rows(docs: list[list[int]], mode: str, seq_length: int) -> dict[str, list]:
-    """Rows of at most seq_length tokens; every input token lands in exactly one row."""
+def tokenize_chat_dataset(
+    ds: Any, tokenizer: Any, seq_length: int, loss_on: str, min_tokens: int = 2
+) -> tuple[Any, dict[str, int]]:
+    """Token ids and per-token labels per conversation (see accel_tp.chat), the tail beyond
+    seq_length cut off; conversations left with no labelled token (or under min_tokens) dropped.
+    Returns the rows and the counts {conversations, truncated, dropped}."""
+    check_chat_tokenizer(tokenizer)
+
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], LABELS: [], "_truncated": [], "_keep": []}
+        for messages, i in zip(batch["messages"], indices):
+            where = f"conversation {i}"
+            ids, labels = encode_conversation(check_conversation(messages, where), tokenizer, loss_on, where)
+            ids, labels, cut = ids[:seq_length], labels[:seq_length], len(ids) > seq_length
+            out["input_ids"].append(ids)
+            out[LABELS].append(labels)
+            out["_truncated"].append(cut)
+            # Position 0 is never a target (nothing precedes it), so it does not count as labelled.
+            out["_keep"].append(len(ids) >= min_tokens and any(t != IGNORE for t in labels[1:]))
+        return out
+
+    tok = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="render chat")
+    # Counted from the columns, not in encode: a cached map never runs encode.
+    keep, truncated = tok["_keep"], tok["_truncated"]
+    stats = {
+        "conversations": len(tok),
+        "truncated": sum(t and k for t, k in zip(truncated, keep)),
+        "dropped": len(keep) - sum(keep),
+    }
+    tok = tok.filter(lambda k: k, input_columns="_keep", desc="drop unlabelled")
+    return tok.remove_columns(["_truncated", "_keep"]), stats
+
+
+def build_rows(section: DataSection, tokenizer: Any, which: str = "train") -> Any:
+    """The rows the loader reads: documents (chat: conversations) tokenized and, unless
+    data.packing is none, packed; chat rows carry their labels."""
+    packed = section.packing != "none"
+    raw = load_split(section, which)
+    if section.format == "chat":
+        ds, n = tokenize_chat_dataset(
+            raw, tokenizer, section.seq_length, section.label_mode, section.min_tokens
+        )
+        # Once per split, by the process that tokenizes (a cached split is not re-counted).
+        print(
+            f"[accel-tp] chat data ({which}): {n['conversations']} conversations, {n['truncated']} "
+            f"truncated to data.seq_length {section.seq_length}, {n['dropped']} dropped "
+            f"(no {'assistant ' if section.label_mode == 'assistant' else ''}token with a label left)",
+            flush=True,
+        )
+    else:
+        ds = tokenize_dataset(raw, tokenizer, None if packed else section.seq_length, section.min_tokens)
+    if packed:
+        ds = pack_dataset(ds, section.packing, section.seq_length)
+    return ds
+
+
+def _pack_rows(
+    docs: list[list[int]], mode: str, seq_length: int, labels: list[list[int]] | None = None
+) -> dict[str, list]:
+    """Rows of at most seq_length tokens; every input token lands in exactly one row (and its
+    label, when `labels` gives per-token labels, with it)."""
     if mode == "concat":
+        assert labels is None, "concat packing has no per-token labels"
         stream = [t for d in docs for t in d]
         return {"input_ids": [stream[i : i + seq_length] for i in range(0, len(stream), seq_length)]}
     # A document longer than a row is cut into row-sized pieces, each its own document. Pieces
     # go first-fit-decreasing into rows, which leaves far less padding than filling in order.
-    pieces = [doc[i : i + seq_length] for doc in docs for i in range(0, len(doc), seq_length)]
-    pieces.sort(key=len, reverse=True)  # stable: ties keep corpus order, so packing is deterministic
+    labs = labels if labels is not None else docs
+    pieces = [
+        (doc[i : i + seq_length], lab[i : i + seq_length])
+        for doc, lab in zip(docs, labs)
+        for i in range(0, len(doc), seq_length)
+    ]
+    pieces.sort(key=lambda p: len(p[0]), reverse=True)  # stable: ties keep corpus order (deterministic)
     rows: list[list[int]] = []
+    row_labels: list[list[int]] = []
     positions: list[list[int]] = []
-    for piece in pieces:
-        for row, pos in zip(rows, positions):
+    for piece, lab in pieces:
+        for row, rlab, pos in zip(rows, row_labels, positions):
             if len(row) + len(piece) <= seq_length:
                 row.extend(piece)
+                rlab.extend(lab)
                 pos.extend(range(len(piece)))
                 break
         else:
             rows.append(list(piece))
+            row_labels.append(list(lab))
             positions.append(list(range(len(piece))))
-    return {"input_ids": rows, "position_ids": positions}
+    out = {"input_ids": rows, "position_ids": positions}
+    if labels is not None:
+        out[LABELS] = row_labels
+    return out
 
 
 def pack_dataset(ds: Any, mode: str, seq_length: int) -> Any:
     """Pack tokenized documents (in order, 1000 at a time) into rows; see DataSection.packing."""
+    has_labels = LABELS in ds.column_names
     return ds.map(
-        lambda batch: _pack_rows(batch["input_ids"], mode, seq_length),
+        lambda batch: _pack_rows(batch["input_ids"], mode, seq_length, batch[LABELS] if has_labels else None),
         batched=True,
         batch_size=1000,
         remove_columns=ds.column_names,
@@ -259,6 +367,19 @@ def _data_spec(section: DataSection, tokenizer: Any, file_mtimes: bool) -> dict[
         "packing": section.packing,
         "eval": [section.eval_split, section.eval_fraction],
         "tokenizer": _tokenizer_fingerprint(tokenizer),
+        # Text specs keep their old keys (so existing caches and checkpoints stay valid).
+        **(_chat_spec(section, tokenizer) if section.format == "chat" else {}),
+    }
+
+
+def _chat_spec(section: DataSection, tokenizer: Any) -> dict[str, Any]:
+    """What else decides chat rows: the field, the labelling and the template itself."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {
+        "format": "chat",
+        "messages_field": section.messages_field,
+        "loss_on": section.label_mode,
+        "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:16],
     }
 
 
@@ -375,6 +496,8 @@ def load_or_build_tokenized(
 
     if which == "eval" and not (section.eval_split or section.eval_fraction):
         return None
+    if section.format == "chat":
+        check_chat_tokenizer(tokenizer)  # every rank, before the barrier: no rank waits on a failed build
     path = section.resolved_cache_dir() / "tokenized" / f"{cache_key(section, tokenizer)}-{which}"
     if builder:
         problem = cache_problem(path, full=True) if path.exists() else "absent"
@@ -386,15 +509,7 @@ def load_or_build_tokenized(
             os.replace(path, aside)
         if problem is not None:
             print(f"[accel-tp] tokenizing the {which} data into {path}", flush=True)
-            packed = section.packing != "none"
-            ds = tokenize_dataset(
-                load_split(section, which),
-                tokenizer,
-                None if packed else section.seq_length,
-                section.min_tokens,
-            )
-            if packed:
-                ds = pack_dataset(ds, section.packing, section.seq_length)
+            ds = build_rows(section, tokenizer, which)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
             try:
@@ -490,6 +605,8 @@ def make_collate(
 ) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """Right-pad a micro-batch; labels are -100 on padding so it carries no loss.
 
+    Rows with their own `labels` (chat) keep them: -100 outside what carries the loss.
+
     Packed rows are padded to seq_length. In `document` mode the rows carry position_ids that
     restart at every document (Transformers then masks attention per document) instead of an
     attention mask, and the first token of each document gets no label: in a row it would be
@@ -507,11 +624,16 @@ def make_collate(
         width = seq_length if fixed else min(seq_length, -(-longest // 8) * 8)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        own = LABELS in rows[0]
+        labels = torch.full((len(rows), width), -100, dtype=torch.long) if own else None
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
             mask[i, :n] = 1
-        labels = ids.masked_fill(mask == 0, -100)
+            if labels is not None:
+                labels[i, :n] = torch.tensor(r[LABELS], dtype=torch.long)
+        if labels is None:
+            labels = ids.masked_fill(mask == 0, -100)
         out = {"input_ids": ids, "labels": labels, "_real_tokens": mask.sum()}
         out["_attn_context"] = torch.tensor(float(out["_real_tokens"]) * seq_length, dtype=torch.float64)
         if packing == "document":

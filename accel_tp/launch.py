@@ -39,8 +39,9 @@ def preflight(cfg: Config, world_size: int | None = None, tokenizer: bool = Fals
             f"use data.seq_length <= {max_pos}."
         )
     check_data_sources(cfg.data)
-    if tokenizer:
-        load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
+    # Chat data needs the tokenizer's chat template (or model.chat_template): checked here too.
+    if tokenizer or cfg.data.format == "chat":
+        check_data_sources(cfg.data, load_tokenizer(cfg.model, cfg.data.resolved_cache_dir()), files=False)
 
 
 def check_writable(path: str | Path, field: str) -> None:

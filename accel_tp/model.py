@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .chat import set_chat_template
 from .config import ConfigError, ModelSection
 
 __all__ = [
@@ -90,6 +91,7 @@ def load_tokenizer(section: ModelSection, cache_dir: Path) -> Any:
                 f"model.tokenizer: {name!r} has neither a pad nor an eos token; pick another tokenizer."
             )
         tok.pad_token = tok.eos_token
+    set_chat_template(tok, section.chat_template)  # the training data and the HF export both use it
     return tok
 
 

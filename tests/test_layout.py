@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"data", "parallelize", "checkpoint", "metrics"},
     {"model"},
     {"parallel"},
-    {"corpus"},
+    {"corpus", "chat"},
     {"config", "env"},
 ]
 
