@@ -75,6 +75,14 @@ def quiet_libraries() -> None:
         return
     for name in ("accelerate", "DeepSpeed", "deepspeed", "datasets", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Train 2.60's worker context logs every report ("Reporting training result N: ...") at INFO,
+    # to a logger named by its file path; on a multi-node cluster it reaches the driver's console.
+    try:
+        from ray.train.v2._internal.execution import context as ray_train_context
+
+        logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: nothing to quiet
+        pass
     # Tokenization runs once per node and is quick; its per-step bars would bury the training bar.
     import datasets
 

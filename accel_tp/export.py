@@ -27,6 +27,7 @@ from .config import Config, ConfigError, load_config
 from .env import apply_worker_env, free_port, quiet_libraries
 from .model import load_tokenizer, model_config, model_fingerprint, param_groups
 from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin, without_hf_zero3_init
+from .storage import download, exists, is_remote, join, remove, upload
 
 __all__ = [
     "export_hf",
@@ -102,13 +103,17 @@ class CheckpointInfo:
 _RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def ray_registered(run_dir: Path) -> list[Path] | None:
-    """The checkpoints Ray registered in a Ray run folder, oldest first (None: not a Ray run folder).
+def ray_registered(run_dir: str | os.PathLike) -> list[Path] | None:
+    """The checkpoints Ray registered in a Ray run folder (a local path or an object-store URI),
+    oldest first (None: not a Ray run folder). For a URI the paths are in-bucket paths.
 
     Ray registers a checkpoint only once every worker has reported it, so a step folder that is not
     listed is a save a crash cut short (or one Ray is still collecting).
     """
-    if not (run_dir / _RAY_SNAPSHOT).is_file():
+    if is_remote(run_dir):
+        if not exists(join(str(run_dir), _RAY_SNAPSHOT)):
+            return None
+    elif not (Path(run_dir) / _RAY_SNAPSHOT).is_file():
         return None
     import logging
 
@@ -314,6 +319,8 @@ def export_checkpoint(
     or, without it, from the run config the checkpoint records. `dtype` "auto" keeps the training
     precision. The export is written under a temporary name and renamed when complete.
     """
+    if is_remote(checkpoint) or is_remote(out_dir):
+        return _export_remote(str(checkpoint), str(out_dir), config, overrides, overwrite, dtype)
     info = inspect_checkpoint(checkpoint)
     out = Path(out_dir).expanduser()
     _check_out_dir(out, info.path, overwrite)
@@ -370,3 +377,47 @@ def export_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _export_remote(
+    checkpoint: str,
+    out_dir: str,
+    config: str | os.PathLike | None,
+    overrides: list[str] | None,
+    overwrite: bool,
+    dtype: str,
+) -> Path | str:
+    """export_checkpoint for a checkpoint and/or an output on object storage: the checkpoint is
+    brought down into a temporary folder (after checking Ray registered it), the export is written
+    locally and then copied up. Returns the output's path or URI."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="accel-tp-export-") as tmp:
+        local_ckpt: str | os.PathLike = checkpoint
+        if is_remote(checkpoint):
+            run = checkpoint.rstrip("/").rsplit("/", 1)[0]
+            if exists(join(checkpoint, _RAY_SNAPSHOT)):
+                steps = ray_registered(checkpoint) or []
+                hint = f"; pass one of its checkpoints, e.g. --checkpoint {join(checkpoint, steps[-1].name)}"
+                raise ConfigError(f"--checkpoint: {checkpoint!r} is a Ray run folder{hint if steps else ''}.")
+            registered = ray_registered(run)
+            name = checkpoint.rstrip("/").rsplit("/", 1)[1]
+            if registered is not None and name not in {c.name for c in registered}:
+                latest = (
+                    f"; the latest it registered is {join(run, registered[-1].name)}" if registered else ""
+                )
+                raise ConfigError(
+                    f"--checkpoint: Ray never registered {checkpoint!r} as a checkpoint of its run (a save "
+                    f"that a crash cut short, or one Ray is still collecting){latest}. Pass a registered one."
+                )
+            if not exists(checkpoint):
+                raise ConfigError(f"--checkpoint: no checkpoint at {checkpoint!r}.")
+            local_ckpt = download(checkpoint, Path(tmp) / "checkpoint" / name)
+        if not is_remote(out_dir):
+            return export_checkpoint(local_ckpt, out_dir, config, overrides, overwrite, dtype)
+        if exists(out_dir) and not overwrite:
+            raise ConfigError(f"--out: {out_dir!r} exists; pass --overwrite to replace it, or another --out.")
+        local_out = export_checkpoint(local_ckpt, Path(tmp) / "out", config, overrides, False, dtype)
+        remove(out_dir)  # --overwrite: no stale files of an earlier export are left beside the new one
+        upload(local_out, out_dir)
+        return out_dir

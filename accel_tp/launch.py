@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import check_run_folder
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError, config_from_dict, elastic_worker_counts
 from .data import check_data_sources
 from .env import VERBOSE_ENV, ray_worker_env
 from .export import ray_registered
 from .model import load_tokenizer, model_config
 from .parallel import Topology, check_tp_heads
 from .parallelize import check_device_support
+from .placement import check_cluster_fits, workers_per_node
+from .storage import AWS_ENV, check_storage, exists, is_remote, join, read_text
 from .trainer import run_worker
 
 __all__ = ["preflight", "check_writable", "run_ray", "run_local"]
@@ -32,6 +36,15 @@ def preflight(cfg: Config, world_size: int | None = None, tokenizer: bool = Fals
     # The vocab only matters for random-init shapes and does not affect the head checks.
     mconf = model_config(cfg.model, vocab_size=1)
     check_tp_heads(par.tp_size, mconf.num_attention_heads, getattr(mconf, "num_key_value_heads", None))
+    # The attention kernel and the TP partition are decided here, from the config and the model
+    # built on the meta device: a model accel-tp cannot split fails in seconds with one message.
+    from .families import check_against_model, resolve_partition
+    from .model import build_meta_model, check_attn_implementation
+
+    check_attn_implementation(cfg.model, mconf)
+    partition = resolve_partition(cfg.model, mconf, par.tp_size)
+    if partition.partition_config is not None:
+        check_against_model(partition, build_meta_model(mconf, cfg.model.trust_remote_code))
     max_pos = getattr(mconf, "max_position_embeddings", None)
     if max_pos is not None and cfg.data.seq_length > max_pos:
         raise ConfigError(
@@ -59,16 +72,7 @@ def check_writable(path: str | Path, field: str) -> None:
 
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
-    metrics_path = loop_config.get("metrics_path")
-    run_worker(
-        config_from_dict(loop_config["config"]),
-        under_ray=True,
-        metrics_path=Path(metrics_path) if metrics_path else None,
-    )
-
-
-def _is_local_path(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
+    run_worker(config_from_dict(loop_config["config"]), under_ray=True, run_uri=loop_config["run_uri"])
 
 
 def run_ray(cfg: Config, address: str | None = None) -> Any:
@@ -86,17 +90,13 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     preflight(cfg, world_size, tokenizer=True)
 
     storage = cfg.ray.storage_path
-    if not _is_local_path(storage) and cfg.checkpoint.export_hf:
-        # The end-of-training export is written beside the metrics, which only a local storage
-        # path has today; refuse rather than skip it silently at the end of a long run.
-        raise ConfigError(
-            f"checkpoint.export_hf: the end-of-training export needs a local (or shared) "
-            f"ray.storage_path; {storage!r} is remote. Set checkpoint.export_hf: false and export the "
-            "last checkpoint afterwards with scripts/export_hf.py (after copying it down)."
-        )
-    if _is_local_path(storage):
+    if is_remote(storage):
+        # Before Ray starts: an unreachable store or bad credentials fail here, nothing registered.
+        check_storage(storage, "ray.storage_path")
+    else:
         storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
         check_writable(storage, "ray.storage_path")
+    run_uri = join(storage, cfg.run.name) if is_remote(storage) else str(Path(storage) / cfg.run.name)
     address = address if address is not None else cfg.ray.address
     cpus_needed = world_size * cfg.ray.cpus_per_worker
     if not ray.is_initialized():
@@ -105,7 +105,9 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         pythonpath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
         # Workers initialise CUDA before our code runs: the worker environment (DeepSpeed switch,
         # allocator default) goes into their runtime env.
-        env = {"env_vars": {**ray_worker_env(os.environ), "PYTHONPATH": pythonpath}}
+        # The standard AWS variables too: nodes started without them still reach the run's storage.
+        aws = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+        env = {"env_vars": {**ray_worker_env(os.environ), **aws, "PYTHONPATH": pythonpath}}
         # A local instance gets enough logical CPUs for the worker group even on a small machine
         # (CPU workers then share cores); a cluster reports what it has.
         local = {"num_cpus": max(os.cpu_count() or 1, cpus_needed + 1)} if address is None else {}
@@ -124,21 +126,33 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             f"ray.device: {world_size} GPU workers need {world_size} GPUs; the Ray cluster has {int(gpus)}. "
             "Lower parallelism.* or set ray.device: cpu."
         )
-    metrics_path = str(Path(storage) / cfg.run.name / "metrics.jsonl") if _is_local_path(storage) else None
-    if _is_local_path(storage):
-        # Ray Train restores a run whose name exists under the storage path: say so up front.
-        registered = ray_registered(Path(storage) / cfg.run.name)
-        if registered:
-            print(
-                f"[accel-tp] run.name {cfg.run.name!r} exists in {storage}: resuming it from its latest "
-                f"checkpoint ({registered[-1].name}); pick a new run.name to start fresh.",
-                flush=True,
-            )
+    per_worker = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    min_workers = cfg.ray.min_workers or world_size
+    check_cluster_fits(
+        workers_per_node([n.get("Resources", {}) for n in nodes], per_worker),
+        par.tp_size,
+        min_workers,
+        "parallelism.tp_size",
+    )
+    if not is_remote(storage):
+        check_shared_storage(storage, nodes)
+    print(_failure_plan(cfg, world_size), flush=True)
+    # Ray Train restores a run whose name exists under the storage path: say so up front.
+    registered = ray_registered(run_uri)
+    if registered:
+        print(
+            f"[accel-tp] run.name {cfg.run.name!r} exists in {storage}: resuming it from its latest "
+            f"checkpoint ({registered[-1].name}); pick a new run.name to start fresh.",
+            flush=True,
+        )
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_worker,
-        train_loop_config={"config": cfg.to_dict(), "metrics_path": metrics_path},
+        train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri},
         scaling_config=ScalingConfig(
-            num_workers=world_size, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
+            num_workers=(min_workers, world_size) if cfg.ray.min_workers else world_size,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -150,7 +164,8 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         ),
     )
     try:
-        result = trainer.fit()
+        with _tp_aligned_elastic_policy(cfg):
+            result = trainer.fit()
     except Exception as e:
         from ray.train import TrainingFailedError
 
@@ -161,12 +176,113 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     if result.checkpoint is not None:
         print(f"[accel-tp] checkpoint:  {result.checkpoint.path}")
     final = result.metrics
-    if metrics_path:
-        print(f"[accel-tp] metrics:     {metrics_path}")
-        lines = Path(metrics_path).read_text().splitlines() if Path(metrics_path).exists() else []
-        final = json.loads(lines[-1]) if lines else final
+    metrics_uri = (
+        join(run_uri, "metrics.jsonl") if is_remote(run_uri) else str(Path(run_uri) / "metrics.jsonl")
+    )
+    print(f"[accel-tp] metrics:     {metrics_uri}")
+    lines = read_text(metrics_uri).splitlines() if exists(metrics_uri) else []
+    final = json.loads(lines[-1]) if lines else final
     print(f"[accel-tp] final:       {final}")
     return result
+
+
+def _failure_plan(cfg: Config, world_size: int) -> str:
+    """What a lost worker or node does to this run, in one line."""
+    r = cfg.ray
+    tries = "unlimited" if r.max_failures == -1 else str(r.max_failures)
+    if r.max_failures == 0:
+        return (
+            "[accel-tp] a lost worker or node ends the run (ray.max_failures: 0); resubmit the same "
+            "run.name to resume from its last checkpoint."
+        )
+    if r.min_workers:
+        return (
+            f"[accel-tp] a lost worker or node: Ray restarts the group ({tries} times, ray.max_failures) on "
+            f"what is left, down to {r.min_workers} workers (ray.min_workers; tp kept, dp lowered, the same "
+            "global batch), from the last checkpoint."
+        )
+    return (
+        f"[accel-tp] a lost worker or node: Ray restarts the group ({tries} times, ray.max_failures) from "
+        f"the last checkpoint once {world_size} workers fit again, waiting until they do (set ray.min_workers "
+        "to continue on fewer)."
+    )
+
+
+def check_shared_storage(storage: str, nodes: list[dict[str, Any]]) -> None:
+    """A local ray.storage_path on several nodes must be one shared filesystem: every node that can
+    run a worker must see a file the driver writes there (checked by a task pinned to each node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    workers = [n for n in nodes if n.get("Resources", {}).get("CPU", 0) > 0]
+    if len(workers) <= 1 and all(n.get("NodeID") == ray.get_runtime_context().get_node_id() for n in workers):
+        return
+    probe = Path(storage) / f".accel-tp-shared-{os.urandom(6).hex()}"
+    probe.write_text("")
+    try:
+        sees = ray.remote(num_cpus=0)(os.path.exists)
+        seen = ray.get(
+            [
+                sees.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(str(probe))
+                for n in workers
+            ]
+        )
+    finally:
+        probe.unlink()
+    blind = [n.get("NodeManagerAddress", n["NodeID"]) for n, ok in zip(workers, seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"ray.storage_path: {storage!r} is not shared: nodes {blind} do not see it, so their "
+            "checkpoints would be lost. Mount one shared filesystem at that path on every node, or use "
+            "object storage (ray.storage_path: s3://bucket/prefix)."
+        )
+
+
+@contextlib.contextmanager
+def _tp_aligned_elastic_policy(cfg: Config) -> Iterator[None]:
+    """Ray Train's elastic policy starts as many workers as fit (ElasticScalingPolicy.
+    _count_possible_workers); accel-tp can only use counts that keep whole, node-local TP groups
+    and the global batch. Ray 2.60 has no public hook for that, so the policy the trainer creates is
+    swapped for a subclass that rounds down to such a count, for this fit only."""
+    if not cfg.ray.min_workers:
+        yield
+        return
+    import ray.train.v2.api.data_parallel_trainer as dpt
+
+    par, tr = cfg.parallelism, cfg.train
+    counts = elastic_worker_counts(par.tp_size, par.dp_size or 1, tr.grad_accum_steps)
+    create = dpt.create_scaling_policy
+
+    def aligned(scaling_config: Any) -> Any:
+        if not scaling_config.elasticity_enabled:
+            return create(scaling_config)
+        return _tp_aligned_policy_class()(scaling_config, par.tp_size, counts)
+
+    dpt.create_scaling_policy = aligned
+    try:
+        yield
+    finally:
+        dpt.create_scaling_policy = create
+
+
+def _tp_aligned_policy_class() -> type:
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+
+    class TPAlignedElasticPolicy(ElasticScalingPolicy):
+        def __init__(self, scaling_config: Any, tp_size: int, counts: list[int]) -> None:
+            super().__init__(scaling_config)
+            self.tp_size = tp_size
+            self.counts = counts
+
+        def _count_possible_workers(self, reserved_resources: Any) -> int:
+            per_worker = self.scaling_config._resources_per_worker_not_none
+            capacity = workers_per_node(list(reserved_resources.values()), per_worker)
+            usable = sum(c // self.tp_size * self.tp_size for c in capacity)
+            return max([c for c in self.counts if c <= usable], default=0)
+
+    return TPAlignedElasticPolicy
 
 
 def _ray_train_logging() -> dict[str, Any]:

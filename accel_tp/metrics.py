@@ -121,8 +121,8 @@ def summary_line(
     seconds: float,
     tokens: int,
     checkpoint: str | None,
-    plot: Path | None,
-    export: Path | None,
+    plot: Path | str | None,
+    export: Path | str | None,
 ) -> str:
     """The one line rank 0 prints at the end of a run."""
     ppl = f"{metrics['eval_ppl']:.2f}" if "eval_ppl" in metrics else "n/a (no eval data)"

@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer, LocalCheckpointer, RayCheckpointer, TrainState
-from .config import Config
+from .config import Config, ConfigError, elastic_worker_counts
 from .data import (
     ShardedLoader,
     data_fingerprint,
@@ -42,6 +42,8 @@ from .parallel import (
     without_hf_zero3_init,
 )
 from .parallelize import apply_after_sharding, apply_before_sharding, check_device_support
+from .placement import check_tp_node_local, describe_mesh, gather_nodes
+from .storage import RunFolderSync, is_remote, staging_dir
 
 __all__ = [
     "Runtime",
@@ -97,6 +99,8 @@ class Runtime:
     mconf: Any = None  # the model's config (shapes for the FLOP count)
     n_params: int = 0  # of the whole (unsharded) model
     peak_flops: float | None = None
+    # A remote run folder's mirror (rank 0 of a Ray run on object storage); None: written in place.
+    sync: RunFolderSync | None = None
 
     @property
     def metrics_path(self) -> Path | None:
@@ -109,11 +113,13 @@ def total_steps_for(cfg: Config, steps_per_epoch: int) -> int:
     return max(1, steps_per_epoch * cfg.train.epochs)
 
 
-def output_dir(cfg: Config, under_ray: bool, metrics_path: Path | None) -> Path:
-    """Where this run's metrics, trackers and plot go (Ray: next to its checkpoints when local)."""
-    if under_ray and metrics_path is not None:
-        return metrics_path.parent
-    return Path(cfg.run.output_dir) / cfg.run.name
+def output_dir(cfg: Config, run_uri: str | None) -> Path:
+    """Where this run's metrics, trackers, plot and export go: a Ray run's folder beside its
+    checkpoints (a local staging folder, mirrored there, when that folder is remote); else
+    run.output_dir/run.name."""
+    if run_uri is None:
+        return Path(cfg.run.output_dir) / cfg.run.name
+    return staging_dir(run_uri) if is_remote(run_uri) else Path(run_uri)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,6 +150,8 @@ def build_accelerator(cfg: Config, run_dir: Path) -> tuple[Any, Topology, str]:
         # We step the scheduler once per optimizer step ourselves; Accelerate would otherwise step
         # it num_processes times per step.
         step_scheduler_with_optimizer=False,
+        # The same count as the DeepSpeed config (Accelerate warns on every rank when they differ).
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
         kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if device_type == "cuda" else "gloo")],
     )
     assert accelerator.num_processes == topo.world_size and accelerator.process_index == topo.rank
@@ -238,8 +246,10 @@ def build_model_and_optimizer(
     return model, optimizer, scheduler, n_params
 
 
-def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Runtime:
-    """Build accelerator, data, checkpointer, model, optimizer and scheduler for this worker."""
+def setup(cfg: Config, under_ray: bool, run_uri: str | None = None) -> Runtime:
+    """Build accelerator, data, checkpointer, model, optimizer and scheduler for this worker.
+
+    `run_uri`: a Ray run's folder (local path or object-store URI) for its metrics and export."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     check_device_support(cfg.model, device_type)  # before anything is set or built
     quiet_libraries()
@@ -248,8 +258,17 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
     apply_worker_env(device_type)
     from accelerate.utils import set_seed
 
-    run_dir = output_dir(cfg, under_ray, metrics_path)
+    run_dir = output_dir(cfg, run_uri)
+    sync = None
+    if run_uri is not None and is_remote(run_uri) and int(os.environ.get("RANK", "0")) == 0:
+        # Before the trackers open their files: the staging folder starts from the run's metrics.
+        sync = RunFolderSync(run_dir, run_uri)
+        sync.start()
     accelerator, topo, precision = build_accelerator(cfg, run_dir)
+    nodes = gather_nodes()
+    check_tp_node_local(topo, nodes)
+    if accelerator.is_main_process:
+        print(describe_mesh(topo, nodes), flush=True)
     set_seed(cfg.run.seed)
     tokenizer, mconf = build_tokenizer(cfg, accelerator, topo)
     loader, eval_data = build_data(cfg, accelerator, topo, tokenizer)
@@ -262,8 +281,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         zero_stage=cfg.deepspeed.zero_stage,
     )
     checkpointer = build_checkpointer(cfg, accelerator, state, under_ray, run_dir)
-    if not under_ray:
-        metrics_path = metrics_path or run_dir / "metrics.jsonl"
+    metrics_path = run_dir / "metrics.jsonl"
     # A checkpoint of another model, data or batch fails here, before the model is built; another
     # layout or ZeRO stage is resharded in load().
     checkpointer.precheck()
@@ -289,6 +307,7 @@ def setup(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> Run
         mconf=mconf,
         n_params=n_params,
         peak_flops=peak_bf16_flops() if device_type == "cuda" else None,
+        sync=sync,
     )
 
 
@@ -469,12 +488,14 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
             )
         elif log:
             _report(under_ray, metrics)
+        if rt.sync is not None and (log or save):
+            rt.sync.push(force=bool(save))
         t_last = time.perf_counter()  # checkpoint and logging time is not step time
     if bar is not None:
         bar.close()
     acc.wait_for_everyone()
     exported = None
-    if cfg.checkpoint.export_hf and rt.metrics_path is not None:
+    if cfg.checkpoint.export_hf:
         # One row of a training batch to check the export against (a whole micro-batch's fp32
         # logits can be tens of GiB with a large vocabulary).
         probe = {k: v[:1] for k, v in next(iter(rt.loader.loader)).items() if not k.startswith("_")}
@@ -496,13 +517,49 @@ def _finish(
     plot = None
     if rt.metrics_path is not None and rt.metrics_path.exists():
         plot = plot_losses(rt.metrics_path, rt.metrics_path.parent / "loss.png")
+    if rt.sync is not None:
+        rt.sync.push(force=True)
+        plot = plot and rt.sync.remote(plot)
+        export = export and rt.sync.remote(export)
     print(summary_line(metrics, seconds, tokens, checkpoint, plot, export), flush=True)
 
 
-def run_worker(cfg: Config, under_ray: bool, metrics_path: Path | None = None) -> dict[str, Any]:
+def fit_to_world(cfg: Config, world_size: int) -> Config:
+    """An elastic Ray run (ray.min_workers) restarted on fewer workers: same tp_size, dp lowered and
+    gradient accumulation raised so that the global batch (micro x accum x dp) is unchanged."""
+    par, tr = cfg.parallelism, cfg.train
+    if cfg.ray.min_workers is None or par.dp_size is None or world_size == par.tp_size * par.dp_size:
+        return cfg
+    valid = elastic_worker_counts(par.tp_size, par.dp_size, tr.grad_accum_steps)
+    if world_size not in valid:
+        raise ConfigError(
+            f"ray.min_workers: Ray started {world_size} workers; this run keeps its global batch only on "
+            f"{valid} workers."
+        )
+    dp = world_size // par.tp_size
+    accum = tr.grad_accum_steps * par.dp_size // dp
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"[accel-tp] elastic: {world_size} of {par.tp_size * par.dp_size} workers: tp{par.tp_size} x dp{dp}, "
+            f"grad_accum_steps {tr.grad_accum_steps} -> {accum} (global batch {tr.micro_batch_size * accum * dp} kept)",
+            flush=True,
+        )
+    return replace(
+        cfg,
+        parallelism=replace(par, dp_size=dp),
+        train=replace(tr, grad_accum_steps=accum),
+    )
+
+
+def run_worker(cfg: Config, under_ray: bool, run_uri: str | None = None) -> dict[str, Any]:
     """Entry point of one worker process."""
-    rt = setup(cfg, under_ray, metrics_path)
+    if under_ray:
+        cfg = fit_to_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    rt = setup(cfg, under_ray, run_uri)
     try:
-        return train_loop(rt, under_ray)
+        metrics = train_loop(rt, under_ray)
     finally:
         rt.accelerator.end_training()
+    if rt.sync is not None:
+        rt.sync.push(force=True)  # what the trackers flushed when they closed
+    return metrics

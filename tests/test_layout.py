@@ -26,10 +26,11 @@ LAYERS: list[set[str]] = [
     {"launch"},
     {"trainer"},
     {"export"},
-    {"data", "parallelize", "checkpoint", "metrics"},
+    {"data", "parallelize", "checkpoint", "metrics", "placement"},
     {"model"},
     {"parallel"},
-    {"corpus", "chat"},
+    {"families"},
+    {"corpus", "storage", "chat"},
     {"config", "env"},
 ]
 

@@ -1,0 +1,193 @@
+"""Run storage that may be remote: a local folder or an object store URI (s3://, gs://, ...).
+
+Ray Train persists checkpoints to `ray.storage_path` itself (through pyarrow.fs). Everything else a
+run writes (metrics.jsonl, loss.png, TensorBoard files, the HF export) is written into a local staging
+folder on the worker and copied to `<storage>/<run name>/` here, so a remote run folder holds what a
+local one does. S3-compatible stores take the standard AWS variables (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION / AWS_REGION).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+__all__ = [
+    "AWS_ENV",
+    "is_remote",
+    "join",
+    "check_storage",
+    "exists",
+    "read_text",
+    "download",
+    "upload",
+    "remove",
+    "staging_dir",
+    "RunFolderSync",
+]
+
+# The standard variables an S3 client reads; forwarded from the driver to Ray workers (which may run
+# on nodes started without them).
+AWS_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_CA_BUNDLE",
+)
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _fs(uri: str, quick: bool = False) -> tuple[Any, str]:
+    """pyarrow filesystem and in-filesystem path of `uri`. `quick`: short timeouts and no retries,
+    so an unreachable endpoint fails in seconds (the pre-flight probe)."""
+    import pyarrow.fs as pafs
+
+    if quick and uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            region=region,
+            connect_timeout=3,
+            request_timeout=5,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+        )
+        return fs, uri.removeprefix("s3://").rstrip("/")
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/")
+
+
+def _where(uri: str) -> str:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f" (endpoint {endpoint} from AWS_ENDPOINT_URL)" if uri.startswith("s3://") and endpoint else ""
+
+
+def check_storage(uri: str, field: str) -> None:
+    """Prove `uri` takes, returns and deletes a file, in seconds, or fail naming `field` and the fix."""
+    try:
+        fs, path = _fs(uri, quick=True)
+        probe = f"{path}/.accel-tp-write-test-{os.urandom(6).hex()}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        with fs.open_input_stream(probe) as f:
+            ok = f.read() == b"ok"
+        fs.delete_file(probe)
+    except Exception as e:  # pyarrow raises OSError / ArrowInvalid / ValueError by backend
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{field}: cannot write to {uri!r}{_where(uri)}: {detail}. Check the URI, that the bucket "
+            "exists, AWS_ENDPOINT_URL and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."
+        ) from None
+    if not ok:
+        raise ConfigError(f"{field}: {uri!r} did not return what was written to it.")
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(uri: str) -> str:
+    fs, path = _fs(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def download(uri: str, local: str | os.PathLike) -> Path:
+    """Copy a remote folder (or file) to `local`."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    local = Path(local)
+    is_file = fs.get_file_info(path).type == pafs.FileType.File
+    (local.parent if is_file else local).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def remove(uri: str) -> None:
+    """Delete a remote folder and everything under it (nothing if absent)."""
+    fs, path = _fs(uri)
+    if exists(uri):
+        fs.delete_dir(path)
+
+
+def upload(local: str | os.PathLike, uri: str) -> None:
+    """Copy a local file or folder to `uri` (objects are replaced whole: readers never see half)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    local = Path(local)
+    if local.is_dir():
+        fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def staging_dir(run_uri: str) -> Path:
+    """The node-local folder a worker writes a remote run's files into before they are copied up."""
+    key = hashlib.sha256(run_uri.encode()).hexdigest()[:12]
+    # Named like the run: Accelerate's trackers write to <project_dir>/<run name>.
+    return Path(tempfile.gettempdir()) / "accel-tp-runs" / key / run_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+class RunFolderSync:
+    """Mirror a staging folder's files to a remote run folder (rank 0 only).
+
+    `start` clears the staging folder and brings down the run's metrics.jsonl (a resumed run appends
+    to it); `push` uploads new or changed files, at most every `min_interval_s` unless forced.
+    """
+
+    def __init__(self, staging: Path, run_uri: str, min_interval_s: float = 30.0) -> None:
+        self.staging = staging
+        self.run_uri = run_uri
+        self.min_interval_s = min_interval_s
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._last = 0.0
+
+    def start(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        remote = join(self.run_uri, "metrics.jsonl")
+        if exists(remote):
+            download(remote, self.staging / "metrics.jsonl")
+
+    def remote(self, local: str | os.PathLike) -> str:
+        """The URI a staged file or folder is mirrored to."""
+        return join(self.run_uri, Path(local).relative_to(self.staging).as_posix())
+
+    def push(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        for p in sorted(self.staging.rglob("*")):
+            if not p.is_file():
+                continue
+            rel = p.relative_to(self.staging).as_posix()
+            st = p.stat()
+            if self._sent.get(rel) == (st.st_size, st.st_mtime_ns):
+                continue
+            upload(p, join(self.run_uri, rel))
+            self._sent[rel] = (st.st_size, st.st_mtime_ns)
