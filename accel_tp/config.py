@@ -35,6 +35,7 @@ __all__ = [
     "config_from_dict",
     "apply_overrides",
     "ARCHITECTURES",
+    "elastic_worker_counts",
 ]
 
 # Named architectures that are built with random init (no download). "tiny" is for tests and the
@@ -44,6 +45,14 @@ ARCHITECTURES = ("tiny", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2-7b")
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the field and the fix."""
+
+
+def elastic_worker_counts(tp_size: int, dp_size: int, grad_accum_steps: int) -> list[int]:
+    """Worker counts (up to tp_size x dp_size) that keep the global batch: tp_size x dp' where dp'
+    divides the micro-batches per global batch (grad_accum_steps x dp_size), so the accumulation
+    becomes grad_accum_steps x dp_size / dp'."""
+    per_global = grad_accum_steps * dp_size
+    return [tp_size * d for d in range(1, dp_size + 1) if per_global % d == 0]
 
 
 def is_jinja_template(value: str) -> bool:
@@ -388,9 +397,17 @@ class RaySection:
     device: Literal["auto", "gpu", "cpu"] = "auto"
     storage_path: str = "ray_results"
     cpus_per_worker: int = 1
+    # Worker-group restarts Ray Train allows after a worker (or its node) fails; -1: unlimited.
     max_failures: int = 0
+    # Elastic: the fewest workers to continue with after losing nodes (a multiple of tp_size whose
+    # dp keeps the global batch); None: always tp_size x dp_size. A smaller group keeps tp_size,
+    # lowers dp and raises gradient accumulation so the global batch is unchanged, and resumes from
+    # the last checkpoint resharded. The group grows back when the nodes return.
+    min_workers: int | None = None
 
     def validate(self) -> None:
+        if self.min_workers is not None and self.min_workers < 1:
+            raise ConfigError(f"ray.min_workers: must be >= 1, got {self.min_workers}.")
         if self.cpus_per_worker < 1:
             raise ConfigError(f"ray.cpus_per_worker: must be >= 1, got {self.cpus_per_worker}.")
         if self.max_failures < -1:
@@ -418,7 +435,28 @@ class Config:
                 "model.liger_kernel: with model.compile and parallelism.tp_size > 1 no Liger kernel applies "
                 "(the fused loss needs a whole lm_head, compile replaces the layer kernels); set it false."
             )
+        self._validate_min_workers()
         return self
+
+    def _validate_min_workers(self) -> None:
+        """ray.min_workers must leave a layout that keeps the global batch (micro x accum x dp)."""
+        n, par, tr = self.ray.min_workers, self.parallelism, self.train
+        if n is None:
+            return
+        if par.dp_size is None:
+            raise ConfigError("ray.min_workers: needs parallelism.dp_size (the full group is tp_size x dp_size).")
+        full = par.tp_size * par.dp_size
+        per_dp = tr.grad_accum_steps * par.dp_size  # micro-batches per global batch
+        valid = elastic_worker_counts(par.tp_size, par.dp_size, tr.grad_accum_steps)
+        if n not in valid:
+            below = [c for c in valid if c < n][-1:]
+            above = [c for c in valid if c > n][:1]
+            raise ConfigError(
+                f"ray.min_workers: {n} workers cannot keep the global batch ({tr.micro_batch_size * per_dp} "
+                f"sequences = micro {tr.micro_batch_size} x accum {tr.grad_accum_steps} x dp {par.dp_size}) in TP "
+                f"groups of {par.tp_size} (at most {full} workers): the count must be tp_size x dp with dp dividing "
+                f"{per_dp}. Nearest valid: {below + above}; all valid: {valid}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
