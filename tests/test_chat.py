@@ -450,3 +450,19 @@ def test_cache_key_and_fingerprint_see_every_chat_setting(chat_tokenizers, defau
     other.chat_template = LLAMA3  # same vocabulary, another template
     assert cache_key(chat, other) != cache_key(chat, tok)
     assert data_fingerprint(chat, other, 1, 10) != data_fingerprint(chat, tok, 1, 10)
+
+
+def test_shipped_set_labels_equal_the_reference_labelling(tmp_path):
+    """Every shipped conversation, rendered with the example config's template: the product's
+    prefix-diff labels equal tests/reference_chat.py's character-span labels."""
+    from accel_tp.chat import load_default_conversations
+    from accel_tp.config import load_config
+
+    from .reference_chat import label_by_characters
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "accelerate_configs" / "sft_tiny_tp2_dp2.yaml")
+    tok = load_tokenizer(cfg.model, tmp_path)
+    for i, conv in enumerate(load_default_conversations()[:200]):
+        assert encode_conversation(conv, tok, "assistant") == label_by_characters(
+            tok, conv, tok.eos_token, "assistant"
+        ), i
