@@ -6,13 +6,14 @@ conversations; the HF export carries the chat template. One launch per layout, s
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from accel_tp.config import load_config
 
-from .mp_utils import ROOT, accelerate_launch, read_metrics
+from .mp_utils import ROOT, accelerate_launch, read_metrics, run
 from .reference_chat import label_by_characters, reference_chat_run
 
 pytestmark = pytest.mark.slow
@@ -50,7 +51,7 @@ def overrides(cache: Path, out: Path, name: str) -> dict[str, object]:
         "train.log_every": 1,
         "train.eval_every": 0,
         "train.progress_bar": False,
-        "checkpoint.at_end": False,
+        "checkpoint.at_end": name == "tp2xdp2",
         "checkpoint.export_hf": name == "tp2xdp2",
     }
 
@@ -120,7 +121,7 @@ def test_chat_parity_with_single_process_reference(runs, reference, name):
     assert len(lines) == 1 and "0 dropped" in lines[0]
 
 
-def test_export_carries_the_chat_template(runs):
+def test_export_carries_the_chat_template(runs, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,3 +141,14 @@ def test_export_carries_the_chat_template(runs):
     check = torch.load(export / "export_check.pt")
     with torch.no_grad():
         assert model(**check["batch"]).loss.item() == pytest.approx(check["loss"], rel=1e-6)
+
+    # scripts/export_hf.py from the run's checkpoint writes the same template.
+    out = tmp_path / "exported"
+    ckpt = runs("tp2xdp2")["dir"] / "checkpoints" / f"step_{STEPS:08d}"
+    proc = run(
+        [sys.executable, str(ROOT / "scripts" / "export_hf.py"), "--checkpoint", str(ckpt), "--out", str(out)]
+    )
+    assert proc.returncode == 0
+    assert (
+        (out / "chat_template.jinja").read_text() == (export / "chat_template.jinja").read_text() == template
+    )
