@@ -527,6 +527,11 @@ def load_or_build_tokenized(
             "reads; data.cache_dir must be the same path on every node (shared) or node-local on each."
         )
     ds = datasets.load_from_disk(str(path))
+    if len(ds) == 0 and section.format == "chat":
+        raise ConfigError(
+            f"data ({which}): no conversation in the {section.source!r} source keeps a labelled token within "
+            f"data.seq_length {section.seq_length}; check data.seq_length / data.loss_on / data.percentage."
+        )
     if len(ds) == 0:
         raise ConfigError(
             f"data ({which}): no documents with >= {section.min_tokens} tokens in the {section.source!r} source; "

@@ -466,3 +466,26 @@ def test_shipped_set_labels_equal_the_reference_labelling(tmp_path):
         assert encode_conversation(conv, tok, "assistant") == label_by_characters(
             tok, conv, tok.eos_token, "assistant"
         ), i
+
+
+def test_hub_chat_source_with_another_field(chat_tokenizers, tmp_path):
+    """A hub dataset (a local folder through datasets' loader) with the messages under another name."""
+    hub = tmp_path / "hub-chat"
+    hub.mkdir()
+    _jsonl(hub / "train.jsonl", [{"conversation": TURNS, "id": 1}, {"conversation": TURNS[:2], "id": 2}])
+    section = DataSection(source="hub", name=str(hub), format="chat", messages_field="conversation")
+    ds = build_rows(section, chat_tokenizers["llama3"])
+    assert ds["input_ids"][0] == encode_conversation(TURNS, chat_tokenizers["llama3"], "assistant")[0]
+    with pytest.raises(ConfigError, match=r"data.messages_field: column 'messages' not in the dataset"):
+        build_rows(DataSection(source="hub", name=str(hub), format="chat"), chat_tokenizers["llama3"])
+
+
+def test_no_conversation_left_is_a_clear_error(chat_tokenizers, tmp_path):
+    from accel_tp.data import load_or_build_tokenized
+
+    path = _jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "word " * 60}, TURNS[1]]}])
+    section = DataSection(
+        source="files", files=[str(path)], format="chat", seq_length=16, cache_dir=str(tmp_path)
+    )
+    with pytest.raises(ConfigError, match=r"no conversation in the 'files' source keeps a labelled token"):
+        load_or_build_tokenized(section, chat_tokenizers["qwen2.5"], True, lambda: None)
