@@ -288,6 +288,29 @@ def test_tp_larger_than_a_node_is_refused_up_front(cluster, cache, tmp_path):
     assert "TrainController" not in proc.stdout + proc.stderr
 
 
+def test_local_storage_other_nodes_cannot_see_is_refused(cluster, cache, tmp_path):
+    """The driver's ray.storage_path is a tmpfs mounted in the driver's own mount namespace: the
+    nodes' raylets do not see it (as on machines without a shared filesystem). Refused before
+    training, naming the nodes and the fix."""
+    import shutil
+
+    private = tmp_path / "private"
+    private.mkdir()
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if shutil.which("unshare") is None or probe.returncode != 0:
+        pytest.skip("needs unshare -m (a private mount namespace) to hide a folder from the other nodes")
+    ov = overrides(tmp_path, "not-shared", cache, **{"ray.storage_path": str(private), "train.max_steps": 2})
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY),
+           "--address", cluster["cluster"].address, *set_args(ov)]  # fmt: skip
+    script = f"mount -t tmpfs none {private} && exec {' '.join(map(repr, cmd))}"
+    proc = subprocess.run(["unshare", "-m", "bash", "-c", script], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"ray.storage_path: {str(private)!r} is not shared: nodes" in proc.stderr
+    assert "s3://bucket/prefix" in proc.stderr
+    assert "TrainController" not in proc.stdout + proc.stderr
+
+
 def _node_of(pid: int, nodes) -> object:
     """The simulated node whose raylet is an ancestor of process `pid`."""
     import psutil
