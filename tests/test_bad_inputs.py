@@ -249,11 +249,20 @@ def test_bad_data_or_tokenizer_fails_on_the_driver_before_ray(tmp_path, case, ex
     print(f"{case}: refused in {seconds:.1f} s")
 
 
-def test_export_with_remote_storage_refused_before_ray_starts():
+def test_unreachable_object_storage_refused_before_ray_starts(monkeypatch):
+    """An s3:// storage path whose endpoint does not answer fails on the driver, naming the field
+    and the endpoint, before Ray starts (the cluster tests cover a missing bucket on a live server)."""
     import ray
 
+    from accel_tp.env import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     cfg = cfg_with(ray={"storage_path": "s3://bucket/runs"}, checkpoint={"export_hf": True})
-    with pytest.raises(ConfigError, match=r"checkpoint.export_hf: .*'s3://bucket/runs' is remote"):
+    with pytest.raises(
+        ConfigError, match=r"ray.storage_path: cannot write to 's3://bucket/runs' \(endpoint http"
+    ):
         run_ray(cfg)
     assert not ray.is_initialized()
 
