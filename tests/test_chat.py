@@ -308,10 +308,10 @@ def test_collate_keeps_chat_labels_and_counts_only_them(packing):
         {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
         {"input_ids": [9, 10, 11], "labels": [-100, 10, -100]},
     ]
-    if packing == "document":
-        rows = [{k: v for k, v in _pack_rows([r["input_ids"] for r in rows], "document", 16,
-                                             [r["labels"] for r in rows]).items()}]  # fmt: skip
-        rows = [{k: v[0] for k, v in rows[0].items()}]
+    if packing == "document":  # both conversations in one row
+        packed = _pack_rows([r["input_ids"] for r in rows], "document", 16, [r["labels"] for r in rows])
+        rows = [{k: v[0] for k, v in packed.items()}]
+        assert len(packed["input_ids"]) == 1
     batch = make_collate(1, "longest", 16, packing)(rows)
     assert int(batch["_label_tokens"]) == 3  # 7, 8, 10: the labelled tokens only
     assert sorted(t for t in batch["labels"].flatten().tolist() if t != -100) == [7, 8, 10]
