@@ -76,6 +76,14 @@ class RunSection:
 
 @dataclass
 class ModelSection:
+    # The styles model.tp_plan takes (Hugging Face names; accel_tp/families.py maps them onto DeepSpeed).
+    TP_STYLES: typing.ClassVar[frozenset[str]] = frozenset(
+        {
+            "colwise", "colwise_gather_output", "colwise_rep", "rowwise", "rowwise_split_input", "rowwise_rep",
+            "packed_colwise", "replicated_with_grad_allreduce", "replicate", "embedding_rowwise", "local_params",
+        }
+    )  # fmt: skip
+
     # A hub id (e.g. Qwen/Qwen2.5-0.5B) or a local directory written by save_pretrained ...
     name_or_path: str | None = None
     # ... or a named architecture built with random init (see ARCHITECTURES).
@@ -84,7 +92,14 @@ class ModelSection:
     # "default" means the byte-level BPE trained locally on the embedded corpus.
     tokenizer: str | None = None
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    # None: what transformers picks for the model (sdpa where the model supports it, else eager,
+    # e.g. Gemma-2). One the model does not support is refused on the driver, naming those it does.
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] | None = None
+    # The tensor-parallel plan, in Hugging Face's tp_plan vocabulary: {module pattern: style}, e.g.
+    # {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"}; '*' is one
+    # name segment. Replaces the model's own plan (None: the model's, or accel-tp's for its family;
+    # README "Model families"). Styles: TP_STYLES.
+    tp_plan: dict[str, str] | None = None
     # Liger's Triton kernels (GPU only): RMSNorm, RoPE, SwiGLU, and at tp_size 1 the fused linear
     # cross-entropy, which never materialises the vocab-sized logits (under AutoTP the lm_head is
     # vocab-sharded, so that one kernel is left out there).
@@ -122,6 +137,14 @@ class ModelSection:
                 "model.tokenizer: a random-init architecture needs a tokenizer; set "
                 "model.tokenizer: default (local BPE on the embedded corpus) or a hub id / directory."
             )
+        if self.tp_plan is not None:
+            bad = {k: v for k, v in self.tp_plan.items() if not isinstance(k, str) or v not in self.TP_STYLES}
+            if not self.tp_plan or bad:
+                raise ConfigError(
+                    f"model.tp_plan: {bad or 'empty'}: each entry maps a module pattern (a string such as "
+                    f"'layers.*.mlp.up_proj') to one of {sorted(self.TP_STYLES)}; or remove model.tp_plan "
+                    "to use the model's own plan."
+                )
 
 
 @dataclass

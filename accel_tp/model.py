@@ -7,10 +7,14 @@ from typing import Any
 
 from .chat import set_chat_template
 from .config import ConfigError, ModelSection
+from .families import causal_lm_class, hf_config
 
 __all__ = [
     "load_tokenizer",
     "model_config",
+    "supported_attn_implementations",
+    "check_attn_implementation",
+    "build_meta_model",
     "build_model",
     "architecture_config",
     "model_fingerprint",
@@ -114,14 +118,44 @@ def model_config(section: ModelSection, vocab_size: int) -> Any:
     """The model's config, read without loading weights (cheap: used for up-front checks)."""
     if section.architecture is not None:
         return architecture_config(section.architecture, vocab_size)
-    from transformers import AutoConfig
+    return hf_config(section)
 
-    try:
-        return AutoConfig.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"model.name_or_path: cannot read a model config from {section.name_or_path!r}: {e}"
-        ) from e
+
+# transformers' class flags for each attention kernel (eager is always there).
+_ATTN_FLAGS = {
+    "sdpa": "_supports_sdpa",
+    "flex_attention": "_supports_flex_attn",
+    "flash_attention_2": "_supports_flash_attn",
+}
+
+
+def supported_attn_implementations(mconf: Any) -> list[str] | None:
+    """The attention kernels the model's class supports (None: not a built-in class, e.g. remote code)."""
+    cls = causal_lm_class(mconf)
+    if cls is None:
+        return None
+    return ["eager"] + [name for name, flag in _ATTN_FLAGS.items() if getattr(cls, flag, False)]
+
+
+def check_attn_implementation(section: ModelSection, mconf: Any) -> None:
+    """Refuse a requested attention kernel the model does not support (None lets transformers pick)."""
+    want = section.attn_implementation
+    supported = supported_attn_implementations(mconf)
+    if want is None or supported is None or want in supported:
+        return
+    raise ConfigError(
+        f"model.attn_implementation: the {type(mconf).__name__.removesuffix('Config')} model does not support "
+        f"{want!r}; it supports {supported}. Set one of those, or remove the key to let transformers choose."
+    )
+
+
+def build_meta_model(mconf: Any, trust_remote_code: bool = False) -> Any:
+    """The model's modules on the meta device (no memory, no weights): for the driver's checks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(mconf, trust_remote_code=trust_remote_code)
 
 
 def build_model(section: ModelSection, config: Any, seed: int) -> Any:
@@ -129,6 +163,7 @@ def build_model(section: ModelSection, config: Any, seed: int) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_attn_implementation(section, config)
     if section.architecture is None:
         model = AutoModelForCausalLM.from_pretrained(
             section.name_or_path,

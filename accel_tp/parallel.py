@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, ConfigError
+from .families import tensor_parallel_block
 
 __all__ = [
     "Topology",
@@ -143,7 +144,9 @@ def build_deepspeed_config(
         "gradient_accumulation_steps": tr.grad_accum_steps,
         "gradient_clipping": ds.gradient_clipping,
         "zero_optimization": zero,
-        "tensor_parallel": {"autotp_size": topo.tp_size},
+        # AutoTP's size and, for families DeepSpeed's own plan conversion refuses (or a model.tp_plan),
+        # the partition accel-tp writes for it (accel_tp/families.py).
+        "tensor_parallel": tensor_parallel_block(cfg.model, topo.tp_size),
         # Our optimizer is torch AdamW; ZeRO accepts it with this flag.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

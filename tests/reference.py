@@ -171,10 +171,11 @@ def _model(cfg: Config, vocab: int) -> Any:
 
     m = cfg.model
     if m.architecture is None:
+        # The run's attention kernel (None: transformers' choice for the class, e.g. eager for Gemma-2).
         model = AutoModelForCausalLM.from_pretrained(
             m.name_or_path,
             dtype=torch.float32,
-            attn_implementation="sdpa",
+            attn_implementation=m.attn_implementation,
             trust_remote_code=m.trust_remote_code,
         )
     else:

@@ -234,3 +234,48 @@ def test_fused_loss_forward_matches_hf_loss(num_items: float | None) -> None:
         want = ref(input_ids=ids, labels=labels, position_ids=pos, use_cache=False, **kw)
     torch.testing.assert_close(out.logits, want.logits)
     torch.testing.assert_close(out.loss, want.loss)
+
+
+# --------------------------------------------------------------------------------------------
+# attention kernel: transformers' choice by default, a requested one checked against the class
+
+
+def test_attn_default_lets_transformers_choose(saved_model) -> None:
+    d, _ = saved_model
+    section = ModelSection(name_or_path=str(d))
+    assert section.attn_implementation is None
+    model = build_model(section, model_config(section, 96), seed=0)
+    assert model.config._attn_implementation == "sdpa"  # what transformers picks for Qwen2 on CPU
+
+
+def test_attn_default_for_a_model_without_sdpa(tmp_path: Path) -> None:
+    """Gemma-2 has no SDPA path: left to transformers it gets eager (an sdpa default failed here)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from accel_tp.model import supported_attn_implementations
+
+    cfg = Gemma2Config(**{**TINY_QWEN2, "head_dim": 8, "pad_token_id": 0})
+    Gemma2ForCausalLM(cfg).save_pretrained(tmp_path / "g2")
+    section = ModelSection(name_or_path=str(tmp_path / "g2"))
+    model = build_model(section, model_config(section, 96), seed=0)
+    assert model.config._attn_implementation == "eager"
+    assert "sdpa" not in supported_attn_implementations(cfg)
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelSection(name_or_path=str(tmp_path / "g2"), attn_implementation="sdpa"), cfg, seed=0)
+    assert str(e.value) == (
+        "model.attn_implementation: the Gemma2 model does not support 'sdpa'; it supports "
+        "['eager', 'flex_attention', 'flash_attention_2']. Set one of those, or remove the key to let "
+        "transformers choose."
+    )
+
+
+def test_attn_explicit_choices_still_accepted() -> None:
+    """GPU configs set sdpa / flex_attention explicitly: Qwen2 supports every kernel."""
+    from accel_tp.model import check_attn_implementation, supported_attn_implementations
+
+    cfg = architecture_config("tiny", 300)
+    assert supported_attn_implementations(cfg) == ["eager", "sdpa", "flex_attention", "flash_attention_2"]
+    for attn in ("sdpa", "flex_attention", "flash_attention_2", "eager", None):
+        check_attn_implementation(
+            ModelSection(architecture="tiny", tokenizer="default", attn_implementation=attn), cfg
+        )

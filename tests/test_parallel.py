@@ -286,3 +286,25 @@ def test_build_is_repeatable() -> None:
     first["zero_optimization"]["stage"] = 99
     second = build_deepspeed_config(cfg, Topology(4, 2), "bf16")
     assert second["zero_optimization"]["stage"] == 1 and second["zero_optimization"]["x"] == 1
+
+
+def test_partition_config_for_a_family_deepspeed_refuses(tmp_path) -> None:
+    """OLMo-2's plan has rowwise_split_input (DeepSpeed's converter rejects the whole plan): the
+    dict carries accel-tp's partition_config instead, at tp > 1 only; a model DeepSpeed takes
+    (Llama) gets the bare AutoTP size."""
+    from transformers import LlamaConfig, Olmo2Config
+
+    small = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    Olmo2Config(**small, pad_token_id=0).save_pretrained(tmp_path / "olmo2")
+    LlamaConfig(**small).save_pretrained(tmp_path / "llama")
+    olmo = make_cfg(model={"name_or_path": str(tmp_path / "olmo2"), "architecture": None, "tokenizer": None})
+    ds = build_deepspeed_config(olmo, Topology(4, 2), "fp32")
+    tp = ds["tensor_parallel"]
+    assert tp["autotp_size"] == 2 and tp["partition_config"]["use_default_specs"] is False
+    assert "o_proj" in tp["partition_config"]["lm_head_patterns"]
+    json.dumps(ds)
+    assert build_deepspeed_config(olmo, Topology(4, 1), "fp32")["tensor_parallel"] == {"autotp_size": 1}
+    llama = make_cfg(model={"name_or_path": str(tmp_path / "llama"), "architecture": None, "tokenizer": None})
+    assert build_deepspeed_config(llama, Topology(4, 2), "fp32")["tensor_parallel"] == {"autotp_size": 2}

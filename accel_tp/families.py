@@ -1,0 +1,296 @@
+"""How each decoder family is split across a TP group: DeepSpeed's own path, or a partition accel-tp writes.
+
+DeepSpeed 0.19.8 (`runtime/engine.py` `_apply_autotp_partitioning`) converts a model's Hugging Face
+`tp_plan` itself (`module_inject/tp_plan_converter.py`), but only six styles; a plan with any other
+(`rowwise_split_input`: Phi-3, OLMo-2/3, GLM-4; `packed_colwise` / `moe_tp_experts`: Mixtral,
+Qwen3-MoE) is rejected as a whole and it asks for `tensor_parallel.partition_config`. For those
+accel-tp writes that partition config here, from the plan (HF styles mapped to DeepSpeed layer
+specs with the same numerics) or from a per-family plan where a model's code needs one. The user
+can give a plan of their own in the same vocabulary (`model.tp_plan`).
+
+The HF styles and what they become (`module_inject/autotp_config.py` TPLayerSpec):
+
+* `colwise` -> column; `colwise_gather_output` / `colwise_rep` -> column, output all-gathered.
+* `rowwise` -> row (input already sharded, output all-reduced).
+* `rowwise_split_input` / `rowwise_rep` -> row whose input is whole on every rank: DeepSpeed's
+  `LinearAllreduceWithReplicatedInput` (each rank takes its slice of the input; the backward
+  all-reduces the input gradient). DeepSpeed builds that layer only for names in the partition's
+  `lm_head_patterns`, so those modules' names are added there (a name must then mean one style).
+* `packed_colwise` on a linear layer (a fused [gate; up] weight) -> column with shape (2, -1): each
+  half split separately, so a rank's output is [gate_r, up_r] and the model's `chunk(2)` pairs them.
+* `replicated_with_grad_allreduce` -> left whole, gradient summed over the TP group (norms applied
+  to sharded heads, e.g. Qwen3's per-head q/k norms).
+* `replicate`, `embedding_rowwise`, `local_params` -> left whole. A tied embedding and lm_head stay
+  whole in an accel-tp partition (DeepSpeed's fallback for a gathered head tied to an embedding).
+* MoE experts (`moe_tp_experts` and the packed expert weights under it) -> left whole: every TP rank
+  runs every expert on the same (replicated) tokens, so they train exactly, without memory savings.
+
+Knows nothing of ranks; imports only config (and transformers, lazily).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ConfigError, ModelSection
+
+__all__ = [
+    "Partition",
+    "DEEPSPEED_STYLES",
+    "FAMILY_PLANS",
+    "hf_config",
+    "causal_lm_class",
+    "hf_tp_plan",
+    "resolve_partition",
+    "partition_for",
+    "tensor_parallel_block",
+    "check_against_model",
+    "to_regex",
+]
+
+# The styles DeepSpeed 0.19.8's TPPlanConverter takes (module_inject/tp_plan_converter.py SUPPORTED_STYLES).
+DEEPSPEED_STYLES = frozenset(
+    {
+        "colwise",
+        "colwise_rep",
+        "colwise_gather_output",
+        "rowwise",
+        "replicated_with_grad_allreduce",
+        "embedding_rowwise",
+    }
+)
+_COLUMN = {"colwise": False, "colwise_gather_output": True, "colwise_rep": True}
+_ROW = {"rowwise": False, "rowwise_split_input": True, "rowwise_rep": True}
+_WHOLE = {"replicate", "embedding_rowwise", "local_params"}
+_MOE_STYLES = {"moe_tp_experts", "moe_identity_expert"}
+_LM_HEADS = ["lm_head", "embed_out"]  # DeepSpeed's default lm_head_patterns
+
+HOW_AUTO = "DeepSpeed auto"
+HOW_DERIVED = "accel-tp spec from the model's tp_plan"
+HOW_FAMILY = "accel-tp spec (per family)"
+HOW_USER = "model.tp_plan"
+HOW_HEURISTIC = "DeepSpeed heuristic (the model has no tp_plan)"
+
+# Plans written per family, where the model's own plan is not what its code can run sharded (or
+# not efficiently). Each says why; tests/test_families.py trains each against the reference.
+_FUSED_MLP = {"layers.*.mlp.gate_up_proj": "packed_colwise", "layers.*.mlp.down_proj": "rowwise"}
+_QKV = {f"layers.*.self_attn.{p}_proj": "colwise" for p in "qkv"} | {"layers.*.self_attn.o_proj": "rowwise"}
+FAMILY_PLANS: dict[str, tuple[dict[str, str], str]] = {
+    "phi3": (
+        {
+            # Phi3Attention slices its fused qkv output at config.num_attention_heads * head_dim and
+            # self.num_key_value_heads * head_dim, and AutoTP rewrites num_key_value_heads on any
+            # attention module it shards a weight of: a head-sharded (or gathered) qkv_proj reads the
+            # wrong columns. The attention stays whole on every rank; the MLP is sharded.
+            "layers.*.self_attn.qkv_proj": "replicate",
+            "layers.*.self_attn.o_proj": "replicate",
+            **_FUSED_MLP,
+            "lm_head": "colwise_gather_output",
+        },
+        "attention whole on every rank (its fused qkv is sliced by full head counts); fused gate_up "
+        "split per half, down_proj row-parallel",
+    ),
+    "glm4": (
+        {**_QKV, **_FUSED_MLP, "lm_head": "colwise_gather_output"},
+        "fused gate_up split per half and down_proj row-parallel (the HF plan gathers the MLP "
+        "activations and splits them again)",
+    ),
+    "glm": (
+        {**_QKV, **_FUSED_MLP, "lm_head": "colwise_gather_output"},
+        "fused gate_up split per half and down_proj row-parallel",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Partition:
+    """What a run's TP group does with the model: `how` (README "Model families"), and the
+    DeepSpeed `tensor_parallel.partition_config` (None: DeepSpeed's own path)."""
+
+    how: str
+    model_type: str
+    plan: dict[str, str] = field(default_factory=dict)
+    partition_config: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()
+
+
+def hf_config(section: ModelSection) -> Any:
+    """The model's Hugging Face config from model.name_or_path, without weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(section.name_or_path, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"model.name_or_path: cannot read a model config from {section.name_or_path!r}: {e}"
+        ) from e
+
+
+def causal_lm_class(mconf: Any) -> type | None:
+    """The transformers class AutoModelForCausalLM builds for `mconf` (None: not a built-in one)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(mconf)]
+    except KeyError:
+        return None
+
+
+def hf_tp_plan(mconf: Any) -> dict[str, str]:
+    """The model's merged plan as DeepSpeed reads it (tensor_parallel/config.py `_get_hf_tp_plan`):
+    the config's base_model_tp_plan, then the class's own entries (lm_head)."""
+    text = _text_config(mconf)
+    plan = dict(getattr(text, "base_model_tp_plan", None) or getattr(mconf, "base_model_tp_plan", None) or {})
+    cls = causal_lm_class(mconf)
+    for pattern, style in (getattr(cls, "_tp_plan", None) or {}).items():
+        plan.setdefault(pattern, style)
+    return plan
+
+
+def _text_config(mconf: Any) -> Any:
+    try:
+        return mconf.get_text_config()
+    except (AttributeError, ValueError):  # no sub-configs, or several (encoder-decoder): the config itself
+        return mconf
+
+
+def _is_moe(mconf: Any, plan: dict[str, str]) -> bool:
+    text = _text_config(mconf)
+    experts = [getattr(text, k, 0) or 0 for k in ("num_local_experts", "num_experts", "n_routed_experts")]
+    return any(s in _MOE_STYLES for s in plan.values()) or max(experts) > 1
+
+
+def _experts_prefixes(plan: dict[str, str]) -> list[str]:
+    return [p for p, s in plan.items() if s in _MOE_STYLES]
+
+
+def resolve_partition(section: ModelSection, mconf: Any, tp_size: int) -> Partition:
+    """The run's partition, or a ConfigError (naming the field and what works) for a model it
+    cannot split soundly. Decided from the config alone: the driver and every worker agree."""
+    model_type = str(getattr(mconf, "model_type", "?"))
+    if tp_size <= 1:
+        return Partition(how="none (tp 1)", model_type=model_type)
+    notes: list[str] = []
+    if section.tp_plan is not None:
+        plan, how = dict(section.tp_plan), HOW_USER
+    elif model_type in FAMILY_PLANS:
+        plan, why = FAMILY_PLANS[model_type]
+        plan, how = dict(plan), HOW_FAMILY
+        notes.append(why)
+    else:
+        plan, how = hf_tp_plan(mconf), HOW_AUTO
+        if not plan:
+            # No plan in transformers (GPT-2, Falcon, OPT, ...): DeepSpeed's name heuristics, as
+            # before; not tested here. model.tp_plan gives an explicit one.
+            return Partition(how=HOW_HEURISTIC, model_type=model_type)
+    moe = _is_moe(mconf, plan)
+    if moe:
+        # Experts (fused 3-D weights in transformers 5) stay whole: AutoTP shards only linear layers.
+        prefixes = _experts_prefixes(plan)
+        for pattern in list(plan):
+            if any(pattern == p or pattern.startswith(p + ".") for p in prefixes):
+                plan[pattern] = "replicate"
+        notes.append("MoE experts replicated on every TP rank (attention sharded)")
+        if how == HOW_AUTO:
+            how = HOW_DERIVED
+    unknown = sorted({s for s in plan.values() if s not in ModelSection.TP_STYLES})
+    if unknown:
+        field_name = "model.tp_plan" if how == HOW_USER else "model.name_or_path"
+        raise ConfigError(
+            f"{field_name}: the {model_type!r} tensor-parallel plan uses style(s) {unknown}, which accel-tp "
+            f"cannot map onto DeepSpeed AutoTP (it maps {sorted(ModelSection.TP_STYLES)}). Train it with "
+            "parallelism.tp_size: 1, or give model.tp_plan with those styles."
+        )
+    if how == HOW_AUTO and set(plan.values()) <= DEEPSPEED_STYLES:
+        return Partition(how=HOW_AUTO, model_type=model_type, plan=plan, notes=tuple(notes))
+    if how == HOW_AUTO:
+        how = HOW_DERIVED
+    return Partition(
+        how=how,
+        model_type=model_type,
+        plan=plan,
+        partition_config=_partition_config(plan, how),
+        notes=tuple(notes),
+    )
+
+
+def to_regex(pattern: str) -> str:
+    """A plan pattern ('layers.*.mlp.up_proj') as the regex DeepSpeed matches a weight's full name
+    with: any prefix of whole name segments ('model.'), '*' one segment, then '.weight'."""
+    body = r"\.".join("[^.]+" if part == "*" else re.escape(part) for part in pattern.split("."))
+    return rf"^(?:.*\.)?{body}\.weight$"
+
+
+def _partition_config(plan: dict[str, str], how: str) -> dict[str, Any]:
+    field_name = "model.tp_plan" if how == HOW_USER else "model.name_or_path"
+    specs: list[dict[str, Any]] = []
+    split_input: dict[str, str] = {}  # module name -> pattern (DeepSpeed routes by the last segment)
+    other_names: dict[str, str] = {}
+    for pattern, style in plan.items():
+        spec: dict[str, Any] = {"patterns": [to_regex(pattern)]}
+        if style in _COLUMN:
+            spec.update(partition_type="column", gather_output=_COLUMN[style])
+        elif style == "packed_colwise":
+            spec.update(partition_type="column", shape=[2, -1], partition_dim=0)
+        elif style in _ROW:
+            spec.update(partition_type="row")
+        elif style == "replicated_with_grad_allreduce":
+            spec.update(partition_type="skip", grad_allreduce=True)
+        else:
+            spec.update(partition_type="skip")
+        last = pattern.split(".")[-1]
+        (split_input if _ROW.get(style) else other_names).setdefault(last, pattern)
+        specs.append(spec)
+    clash = sorted(set(split_input) & set(other_names) - set(_LM_HEADS))
+    if clash:
+        raise ConfigError(
+            f"{field_name}: {clash} name both a rowwise_split_input layer ({split_input[clash[0]]!r}) and "
+            f"another style ({other_names[clash[0]]!r}); DeepSpeed picks its replicated-input row layer by "
+            "the module's last name, so one name must have one style. Use rowwise with a colwise input "
+            "layer, or the same style for both."
+        )
+    heads = _LM_HEADS + sorted(set(split_input) - set(_LM_HEADS))
+    return {"use_default_specs": False, "layer_specs": specs, "lm_head_patterns": heads}
+
+
+def partition_for(section: ModelSection, tp_size: int) -> Partition:
+    """The partition a run of `section` at `tp_size` gets (reads the model's config, not its weights)."""
+    if tp_size <= 1 or (section.architecture is not None and section.tp_plan is None):
+        # The named architectures are Qwen2 shapes: DeepSpeed's own path.
+        return Partition(how=HOW_AUTO if tp_size > 1 else "none (tp 1)", model_type="qwen2")
+    if section.architecture is not None:
+        from transformers import Qwen2Config
+
+        return resolve_partition(section, Qwen2Config(), tp_size)
+    return resolve_partition(section, hf_config(section), tp_size)
+
+
+def tensor_parallel_block(section: ModelSection, tp_size: int) -> dict[str, Any]:
+    """DeepSpeed's `tensor_parallel` config block for this run."""
+    block: dict[str, Any] = {"autotp_size": tp_size}
+    partition = partition_for(section, tp_size)
+    if partition.partition_config is not None:
+        block["partition_config"] = partition.partition_config
+    return block
+
+
+def check_against_model(partition: Partition, model: Any) -> None:
+    """Every entry of a user's plan must name a module (or parameter) of the model, built on the meta
+    device on the driver: a pattern that matches nothing would leave half of a column / row pair
+    unsplit. (A model's own plan may name optional modules, e.g. Qwen3-MoE's dense MLP layers.)"""
+    if partition.partition_config is None or partition.how != HOW_USER:
+        return
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    missing = []
+    for pattern, style in partition.plan.items():
+        regex = re.compile(to_regex(pattern)[: -len(r"\.weight$")] + "$")
+        if not any(regex.match(n) for n in names) and style not in _WHOLE:
+            missing.append(pattern)
+    if missing:
+        raise ConfigError(
+            f"model.tp_plan: the tensor-parallel plan's {missing} match no module of the "
+            f"{partition.model_type!r} model; fix the patterns (module names like "
+            "'layers.*.self_attn.q_proj') or use parallelism.tp_size: 1."
+        )
