@@ -249,8 +249,11 @@ def _tp_aligned_elastic_policy(cfg: Config) -> Iterator[None]:
     if not cfg.ray.min_workers:
         yield
         return
-    import ray.train.v2.api.data_parallel_trainer as dpt
-
+    try:
+        import ray.train.v2.api.data_parallel_trainer as dpt
+    except ImportError:  # another Ray layout: its own policy; fit_to_world refuses an unusable count
+        yield
+        return
     par, tr = cfg.parallelism, cfg.train
     counts = elastic_worker_counts(par.tp_size, par.dp_size or 1, tr.grad_accum_steps)
     create = dpt.create_scaling_policy
