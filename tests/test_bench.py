@@ -107,3 +107,25 @@ def test_cpu_smoke_run_tp2(tmp_path):
         rows["reference"]["losses"],
     )
     assert report["versions"]["torch"] and report["flops_per_token"]
+
+
+def test_variant_environment_and_losses_against_the_accel_arm(tmp_path):
+    """A variant's env:NAME=VALUE items become that arm's environment (not config overrides), and a
+    variant's losses are checked against the accel arm of its group, side by side."""
+    arms = _arms(tmp_path, "--no-reference", "--variant", "seam:env:ACCEL_TP_X=1 train.grad_accum_steps=1")
+    seam = next(a for a in arms if a["name"] == "seam")
+    assert seam["env"] == {"ACCEL_TP_X": "1"} and not any("ACCEL_TP_X" in o for o in seam["overrides"])
+    assert next(a for a in arms if a["name"] == "accel")["env"] == {}
+    with pytest.raises(SystemExit, match="env:NAME=VALUE"):
+        _arms(tmp_path, "--variant", "bad:env:NOVALUE")
+    row = {"kind": "accel", "shape": "tiny", "seq": 128, "micro_batch": 2, "grad_accum": 1, "dp": 1}
+    rows = [
+        {**row, "name": "accel", "losses": [2.0, 1.0]},
+        {**row, "name": "same", "losses": [2.0, 1.0]},
+        {**row, "name": "off", "losses": [2.0, 1.5]},
+    ]
+    failures = bench.compare_losses(rows)
+    assert rows[1]["loss_rdiff_vs_accel"] == 0.0 and rows[2]["loss_rdiff_vs_accel"] == 0.5
+    assert len(failures) == 1 and failures[0].startswith("off tiny seq 128")
+    table = bench.format_losses(rows)
+    assert "global batch 2" in table and "  off   2.0000 1.5000" in table

@@ -172,3 +172,57 @@ def test_fused_loss_run_evaluates_and_exports(tmp_path):
     assert "eval_loss" in read_metrics(tmp_path / "liger-export" / "metrics.jsonl")[-1]
     check = torch.load(tmp_path / "liger-export" / "hf" / "export_check.pt")
     assert check["logits"].shape[:2] == check["batch"]["input_ids"].shape
+
+
+def test_document_block_mask_gives_the_transformers_model_output():
+    """accel-tp's document block mask (parallelize.document_block_mask, passed by the forward
+    wrapper) in place of the one Transformers builds from packed position ids: the same flex
+    attention blocks, so the same logits and gradients, eager and with compiled decoder layers
+    (which also must not recompile for a new batch's mask)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from accel_tp.parallelize import _block_mask_forward
+
+    from .test_block_mask import packed_positions
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    cfg._attn_implementation = "flex_attention"
+    model = Qwen2ForCausalLM(cfg).cuda().train()
+    ours = _block_mask_forward(model.forward)
+
+    def run(fwd, ids, pos):
+        model.zero_grad(set_to_none=True)
+        logits = fwd(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logits.float().square().mean().backward()
+        return logits.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+    for compiled in (False, True):
+        if compiled:
+            for layer in model.model.layers:
+                layer.compile()
+        for seed in range(3):  # a new mask per batch
+            pos = packed_positions(3, 1024, seed).cuda()
+            ids = torch.randint(0, cfg.vocab_size, pos.shape, device="cuda")
+            want, want_g = run(model.forward, ids, pos)
+            got, got_g = run(ours, ids, pos)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            for g, w in zip(got_g, want_g, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    # Documents really are separated: another document's tokens leave this one's logits alone.
+    pos = packed_positions(1, 1024, 7).cuda()
+    ids = torch.randint(0, cfg.vocab_size, pos.shape, device="cuda")
+    start = int((pos[0] == 0).nonzero()[1])  # the second document
+    other = ids.clone()
+    other[0, :start] = (other[0, :start] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        a = ours(input_ids=ids, position_ids=pos, use_cache=False).logits[0, start:]
+        b = ours(input_ids=other, position_ids=pos, use_cache=False).logits[0, start:]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

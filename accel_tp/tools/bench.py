@@ -114,8 +114,14 @@ def _time_steps(
 
     real = positions = context = 0
     t0 = 0.0
+    first_step = None
+    t_first = 0.0
     sampler = _GpuSampler(device)
     for i in range(warmup + steps):
+        if i == 1 and warmup >= 1:
+            # The first step's time (its compilation included): part of the time to a first step.
+            _sync(device)
+            first_step = time.perf_counter() - t_first
         if i == warmup:
             _sync(device)
             if device.type == "cuda":
@@ -132,6 +138,8 @@ def _time_steps(
                 for mb in mbs
             )
             positions += sum(mb["input_ids"].numel() for mb in mbs)
+        if i == 0:
+            t_first = time.perf_counter()
         step(mbs, i)
     _sync(device)
     seconds = time.perf_counter() - t0
@@ -143,6 +151,7 @@ def _time_steps(
         "context": context,
         "peak_gib": peak,
         "gpu": sampler.summary(),
+        "first_step_s": first_step,
     }
 
 
@@ -276,7 +285,9 @@ def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dic
 
     from ..trainer import setup, train_step
 
+    t_setup = time.perf_counter()
     rt = setup(cfg, under_ray=False)
+    setup_s = time.perf_counter() - t_setup
     stream = rt.loader.stream()
     step_losses: list[float] = []
 
@@ -296,6 +307,7 @@ def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dic
     )
     timing["losses"] = step_losses
     timing["loss"] = step_losses[-1]
+    timing["setup_s"] = setup_s
     info = {
         "params": rt.n_params,
         "precision": rt.precision,
@@ -365,6 +377,8 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         "attention": "per document" if cfg.data.packing == "document" else "whole row",
         "device": info["device"],
         "gpu_state": timing["gpu"],
+        "setup_s": timing.get("setup_s"),  # accel arms: trainer.setup (model, data, engine)
+        "first_step_s": timing["first_step_s"],  # the first step, compilation included
         "overrides": spec["overrides"],
     }
     if topo.rank == 0:
@@ -385,6 +399,7 @@ def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
     # Every arm gets the environment accel-tp gives its own workers (allocator default, or the
     # user's own setting).
     env.update(worker_env(env))
+    env.update(spec.get("env", {}))  # a variant's own environment (e.g. a measurement seam)
     payload = ["-m", "accel_tp.tools.bench", "--worker", json.dumps(spec)]
     if nproc == 1:
         env.update(single_process_env(port))
@@ -438,8 +453,27 @@ def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
 def _parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, sets = text.partition(":")
     if not name or not sets.strip():
-        raise SystemExit(f"--variant {text!r}: expected NAME:section.key=value [section.key=value ...]")
+        raise SystemExit(
+            f"--variant {text!r}: expected NAME:section.key=value [section.key=value ...] "
+            "(env:NAME=VALUE for an environment variable of that arm)"
+        )
     return name.strip(), sets.split()
+
+
+_ENV_PREFIX = "env:"
+
+
+def _split_env(sets: list[str]) -> tuple[list[str], dict[str, str]]:
+    """A variant's `env:NAME=VALUE` items (environment of that arm's process) apart from its
+    config overrides."""
+    env = {}
+    for item in sets:
+        if item.startswith(_ENV_PREFIX):
+            key, eq, value = item[len(_ENV_PREFIX) :].partition("=")
+            if not key or not eq:
+                raise SystemExit(f"--variant item {item!r}: expected env:NAME=VALUE")
+            env[key] = value
+    return [s for s in sets if not s.startswith(_ENV_PREFIX)], env
 
 
 def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
@@ -498,7 +532,8 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
                     ]
                 arms.append(_spec("reference", "reference", args, ref_sets, shape, seq))
             for name, extra in variants:
-                arms.append(_spec(name, "accel", args, sets + extra, shape, seq))
+                extra, env = _split_env(extra)
+                arms.append(_spec(name, "accel", args, sets + extra, shape, seq, env))
     # Fail here, not in a worker, on a bad override.
     train = [(a["name"], load_config(args.config, a["overrides"]).train) for a in arms]
     ref = [t for name, t in train if name == "reference"]
@@ -526,12 +561,21 @@ def _per_shape(spec: str | None, shape: str | None) -> int | None:
     return int(value) if value else None
 
 
-def _spec(name: str, kind: str, args: argparse.Namespace, sets: list[str], shape, seq) -> dict[str, Any]:
+def _spec(
+    name: str,
+    kind: str,
+    args: argparse.Namespace,
+    sets: list[str],
+    shape,
+    seq,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     return {
         "name": name,
         "kind": kind,
         "config": str(args.config),
         "overrides": list(sets),
+        "env": dict(env or {}),
         "warmup": args.warmup,
         "steps": args.steps,
         "group": [shape, seq],
@@ -546,36 +590,53 @@ LOSS_RTOL = 0.01
 
 
 def compare_losses(rows: list[dict[str, Any]]) -> list[str]:
-    """Per-step losses of each accel-tp arm against the reference arm of its shape, sequence length
-    and global batch: records the worst relative difference, returns the failures."""
+    """Per-step losses of each accel-tp arm against the reference arm, and of each other variant
+    against the accel arm, of its shape, sequence length and global batch: records the worst
+    relative difference (`loss_rdiff_vs_reference`, `loss_rdiff_vs_accel`), returns the failures."""
     failures = []
     for row in rows:
         if "error" in row or row["kind"] == "reference":
             continue
-        ref = next(
-            (
-                r
-                for r in rows
-                if "error" not in r
-                and r["name"] == "reference"
-                and (r["shape"], r["seq"]) == (row["shape"], row["seq"])
-                and _global_batch(r) == _global_batch(row)
-            ),
-            None,
-        )
-        if ref is None:
-            continue
-        diffs = [abs(a - b) / abs(b) for a, b in zip(row["losses"], ref["losses"])]
-        row["loss_rdiff_vs_reference"] = max(diffs)
-        if max(diffs) > LOSS_RTOL:
-            failures.append(
-                f"{row['name']} {row['shape']} seq {row['seq']}: losses differ from the reference's by "
-                f"{max(diffs):.2%} (bound {LOSS_RTOL:.0%}):\n  {row['name']}:   "
-                + " ".join(f"{x:.4f}" for x in row["losses"])
-                + "\n  reference: "
-                + " ".join(f"{x:.4f}" for x in ref["losses"])
+        against = ["reference"] + (["accel"] if row["name"] != "accel" else [])
+        for base_name in against:
+            base = next(
+                (
+                    r
+                    for r in rows
+                    if "error" not in r
+                    and r["name"] == base_name
+                    and (r["shape"], r["seq"]) == (row["shape"], row["seq"])
+                    and _global_batch(r) == _global_batch(row)
+                ),
+                None,
             )
+            if base is None:
+                continue
+            diffs = [abs(a - b) / abs(b) for a, b in zip(row["losses"], base["losses"])]
+            row[f"loss_rdiff_vs_{base_name}"] = max(diffs)
+            if max(diffs) > LOSS_RTOL:
+                failures.append(
+                    f"{row['name']} {row['shape']} seq {row['seq']}: losses differ from the {base_name} "
+                    f"arm's by {max(diffs):.2%} (bound {LOSS_RTOL:.0%}):\n  {row['name']}: "
+                    + " ".join(f"{x:.4f}" for x in row["losses"])
+                    + f"\n  {base_name}: "
+                    + " ".join(f"{x:.4f}" for x in base["losses"])
+                )
     return failures
+
+
+def format_losses(rows: list[dict[str, Any]]) -> str:
+    """Every arm's per-step losses, grouped by shape, sequence length and global batch, side by side."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["shape"], r["seq"], _global_batch(r)), []).append(r)
+    lines = []
+    for (shape, seq, gb), members in groups.items():
+        lines.append(f"losses per step, {shape} seq {seq}, global batch {gb}:")
+        width = max(len(r["name"]) for r in members)
+        lines += [f"  {r['name']:<{width}} " + " ".join(f"{x:.4f}" for x in r["losses"]) for r in members]
+    return "\n".join(lines)
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -715,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(format_table(report["rows"]))
+    print(format_losses(report["rows"]))
     for line in failures:
         print(f"[bench] FAILED: {line}", flush=True)
     print("JSON " + json.dumps(report))
