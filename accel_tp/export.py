@@ -276,7 +276,7 @@ def _export_worker(
     mconf = model_config(cfg.model, vocab_size)
     # No forward pass runs here, and flex / flash attention need a GPU (config.json does not record it).
     attn = cfg.model.attn_implementation
-    mconf._attn_implementation = attn if attn in ("sdpa", "eager") else "sdpa"
+    mconf._attn_implementation = attn if attn in ("sdpa", "eager") else None  # None: transformers' choice
     # Built in the checkpoint's dtype, so its weights load as they are (and bf16 takes half the
     # memory). Every weight is overwritten by the checkpoint (strict load): skip the random init.
     with without_hf_zero3_init(), no_init_weights():

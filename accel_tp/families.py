@@ -201,7 +201,7 @@ def resolve_partition(section: ModelSection, mconf: Any, tp_size: int) -> Partit
         raise ConfigError(
             f"{field_name}: the {model_type!r} tensor-parallel plan uses style(s) {unknown}, which accel-tp "
             f"cannot map onto DeepSpeed AutoTP (it maps {sorted(ModelSection.TP_STYLES)}). Train it with "
-            "parallelism.tp_size: 1, or give model.tp_plan with those styles."
+            "parallelism.tp_size: 1, or give your own model.tp_plan in the styles accel-tp maps."
         )
     if how == HOW_AUTO and set(plan.values()) <= DEEPSPEED_STYLES:
         return Partition(how=HOW_AUTO, model_type=model_type, plan=plan, notes=tuple(notes))
