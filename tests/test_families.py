@@ -459,3 +459,32 @@ def test_preflight_refuses_unsupported_attention(tmp_path, zoo):
         ConfigError, match=r"model.attn_implementation: the Gemma2 model does not support 'sdpa'"
     ):
         preflight(cfg, 2)
+
+
+def test_unsplittable_model_fails_on_the_driver_in_one_line(tmp_path, default_tokenizer):
+    """A family accel-tp cannot split (DeepSeek-V2: mla_kv_a_proj) through the Ray entry point at
+    tp2: exit 2 and one line naming the field and what works, before Ray starts (no worker, no
+    stack trace). Only the config and tokenizer are needed: the decision reads the config."""
+    import subprocess
+    import time
+
+    from transformers import DeepseekV2Config
+
+    from .mp_utils import _env
+
+    DeepseekV2Config(vocab_size=len(default_tokenizer), hidden_size=64, num_hidden_layers=2).save_pretrained(
+        tmp_path
+    )
+    default_tokenizer.save_pretrained(tmp_path)
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY)]
+    for s in (f"model.name_or_path={tmp_path}", "model.architecture=null", "model.tokenizer=null",
+              "parallelism.dp_size=1", f"ray.storage_path={tmp_path / 'ray'}", f"data.cache_dir={tmp_path / 'c'}"):  # fmt: skip
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert len(err) == 1 and "model.name_or_path:" in err[0] and "mla_kv_a_proj" in err[0], proc.stderr
+    assert "parallelism.tp_size: 1" in err[0]
+    assert "Traceback" not in proc.stdout + proc.stderr and "Ray" not in proc.stdout
+    print(f"refused in {time.perf_counter() - t0:.1f} s")  # measured, not asserted (machine load)
