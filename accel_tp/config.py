@@ -467,7 +467,9 @@ class Config:
         if n is None:
             return
         if par.dp_size is None:
-            raise ConfigError("ray.min_workers: needs parallelism.dp_size (the full group is tp_size x dp_size).")
+            raise ConfigError(
+                "ray.min_workers: needs parallelism.dp_size (the full group is tp_size x dp_size)."
+            )
         full = par.tp_size * par.dp_size
         per_dp = tr.grad_accum_steps * par.dp_size  # micro-batches per global batch
         valid = elastic_worker_counts(par.tp_size, par.dp_size, tr.grad_accum_steps)
