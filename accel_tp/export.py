@@ -68,7 +68,7 @@ def export_hf(
         engine.train()
         check = {
             "batch": {k: v.cpu() for k, v in batch.items()},
-            "logits": res.logits.float().cpu(),
+            "logits": _whole_vocab(res.logits.float().cpu(), accelerator.unwrap_model(engine)),
             "loss": float(res.loss),
         }
     if accelerator.is_main_process:
@@ -85,6 +85,26 @@ def export_hf(
             torch.save(check, out / "export_check.pt")
     accelerator.wait_for_everyone()
     return out
+
+
+def _whole_vocab(logits: torch.Tensor, model: Any) -> torch.Tensor:
+    """Logits over the whole vocabulary. A vocab-parallel lm_head (tied Gemma-3, Starcoder2 under
+    AutoTP) leaves each TP rank its own slice of the vocabulary, in rank order: gather them (every
+    rank calls this; the shapes, hence the branch, are the same on all)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None or logits.shape[-1] == vocab or not torch.distributed.is_initialized():
+        return logits
+    from deepspeed.utils import groups
+
+    parts: list[Any] = [None] * groups.get_tensor_model_parallel_world_size()
+    torch.distributed.all_gather_object(parts, logits, group=groups.get_tensor_model_parallel_group())
+    whole = torch.cat(parts, dim=-1)
+    if whole.shape[-1] != vocab:
+        raise RuntimeError(
+            f"export check: gathered logits have {whole.shape[-1]} columns, the vocabulary {vocab}"
+        )
+    return whole
 
 
 @dataclass
