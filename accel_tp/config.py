@@ -466,6 +466,11 @@ class Config:
         n, par, tr = self.ray.min_workers, self.parallelism, self.train
         if n is None:
             return
+        if self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "ray.min_workers: an elastic restart resumes on another dp size, and a ZeRO-3 checkpoint "
+                "cannot be resharded yet; use deepspeed.zero_stage 1 or 2 with ray.min_workers."
+            )
         if par.dp_size is None:
             raise ConfigError(
                 "ray.min_workers: needs parallelism.dp_size (the full group is tp_size x dp_size)."

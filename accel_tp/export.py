@@ -27,7 +27,7 @@ from .config import Config, ConfigError, load_config
 from .env import apply_worker_env, free_port, quiet_libraries
 from .model import load_tokenizer, model_config, model_fingerprint, param_groups
 from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin, without_hf_zero3_init
-from .storage import download, exists, is_remote, join, remove, upload
+from .storage import download, exists, is_remote, join, replace_folder
 
 __all__ = [
     "export_hf",
@@ -412,6 +412,13 @@ def _export_remote(
     locally and then copied up. Returns the output's path or URI."""
     import tempfile
 
+    a, b = out_dir.rstrip("/") + "/", checkpoint.rstrip("/") + "/"
+    if is_remote(out_dir) and (a.startswith(b) or b.startswith(a)):
+        # --overwrite would replace the very folder the checkpoint is read from.
+        raise ConfigError(
+            f"--out: {out_dir!r} overlaps --checkpoint {checkpoint!r}; write the export elsewhere "
+            "(e.g. s3://bucket/exports/<name>)."
+        )
     with tempfile.TemporaryDirectory(prefix="accel-tp-export-") as tmp:
         local_ckpt: str | os.PathLike = checkpoint
         if is_remote(checkpoint):
@@ -435,9 +442,10 @@ def _export_remote(
             local_ckpt = download(checkpoint, Path(tmp) / "checkpoint" / name)
         if not is_remote(out_dir):
             return export_checkpoint(local_ckpt, out_dir, config, overrides, overwrite, dtype)
+        if exists(join(out_dir, _RAY_SNAPSHOT)):
+            raise ConfigError(f"--out: {out_dir!r} is a Ray run folder; write the export elsewhere.")
         if exists(out_dir) and not overwrite:
             raise ConfigError(f"--out: {out_dir!r} exists; pass --overwrite to replace it, or another --out.")
         local_out = export_checkpoint(local_ckpt, Path(tmp) / "out", config, overrides, False, dtype)
-        remove(out_dir)  # --overwrite: no stale files of an earlier export are left beside the new one
-        upload(local_out, out_dir)
+        replace_folder(local_out, out_dir)
         return out_dir

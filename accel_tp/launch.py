@@ -98,7 +98,9 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         check_writable(storage, "ray.storage_path")
     run_uri = join(storage, cfg.run.name) if is_remote(storage) else str(Path(storage) / cfg.run.name)
     address = address if address is not None else cfg.ray.address
-    cpus_needed = world_size * cfg.ray.cpus_per_worker
+    # An elastic run may start on as few as ray.min_workers.
+    min_workers = cfg.ray.min_workers or world_size
+    cpus_needed = min_workers * cfg.ray.cpus_per_worker
     if not ray.is_initialized():
         # Workers import accel_tp from where the driver did, also when it is not pip-installed.
         pkg_root = str(Path(__file__).resolve().parents[1])
@@ -116,27 +118,23 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     gpus = resources.get("GPU", 0)
     if resources.get("CPU", 0) < cpus_needed:
         raise ConfigError(
-            f"ray.cpus_per_worker: {world_size} workers x {cfg.ray.cpus_per_worker} CPUs = {cpus_needed}, "
+            f"ray.cpus_per_worker: {min_workers} workers x {cfg.ray.cpus_per_worker} CPUs = {cpus_needed}, "
             f"but the Ray cluster has {resources.get('CPU', 0):g} CPUs; lower ray.cpus_per_worker."
         )
     use_gpu = cfg.ray.device == "gpu" or (cfg.ray.device == "auto" and gpus > 0)
     check_device_support(cfg.model, "cuda" if use_gpu else "cpu")
-    if use_gpu and gpus < world_size:
+    if use_gpu and gpus < min_workers:
         raise ConfigError(
-            f"ray.device: {world_size} GPU workers need {world_size} GPUs; the Ray cluster has {int(gpus)}. "
+            f"ray.device: {min_workers} GPU workers need {min_workers} GPUs; the Ray cluster has {int(gpus)}. "
             "Lower parallelism.* or set ray.device: cpu."
         )
     per_worker = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    min_workers = cfg.ray.min_workers or world_size
-    check_cluster_fits(
-        workers_per_node([n.get("Resources", {}) for n in nodes], per_worker),
-        par.tp_size,
-        min_workers,
-        "parallelism.tp_size",
-    )
+    capacity = workers_per_node([n.get("Resources", {}) for n in nodes], per_worker)
+    check_cluster_fits(capacity, par.tp_size, min_workers, "parallelism.tp_size")
     if not is_remote(storage):
-        check_shared_storage(storage, nodes)
+        # Only nodes that can host a worker write checkpoints.
+        check_shared_storage(storage, [n for n, c in zip(nodes, capacity) if c > 0])
     print(_failure_plan(cfg, world_size), flush=True)
     # Ray Train restores a run whose name exists under the storage path: say so up front.
     registered = ray_registered(run_uri)
@@ -192,8 +190,8 @@ def _failure_plan(cfg: Config, world_size: int) -> str:
     tries = "unlimited" if r.max_failures == -1 else str(r.max_failures)
     if r.max_failures == 0:
         return (
-            "[accel-tp] a lost worker or node ends the run (ray.max_failures: 0); resubmit the same "
-            "run.name to resume from its last checkpoint."
+            "[accel-tp] a lost worker or node ends the run (ray.max_failures: 0; Ray still retries a node "
+            "its cloud preempts); resubmit the same run.name to resume from its last checkpoint."
         )
     if r.min_workers:
         return (
@@ -210,11 +208,11 @@ def _failure_plan(cfg: Config, world_size: int) -> str:
 
 def check_shared_storage(storage: str, nodes: list[dict[str, Any]]) -> None:
     """A local ray.storage_path on several nodes must be one shared filesystem: every node that can
-    run a worker must see a file the driver writes there (checked by a task pinned to each node)."""
+    run a worker (`nodes`) must see a file the driver writes there (a task pinned to each node looks)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    workers = [n for n in nodes if n.get("Resources", {}).get("CPU", 0) > 0]
+    workers = nodes
     if len(workers) <= 1 and all(n.get("NodeID") == ray.get_runtime_context().get_node_id() for n in workers):
         return
     probe = Path(storage) / f".accel-tp-shared-{os.urandom(6).hex()}"

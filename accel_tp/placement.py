@@ -89,11 +89,20 @@ def workers_per_node(node_resources: Sequence[dict[str, float]], per_worker: dic
 
 
 def check_cluster_fits(capacity: Sequence[int], tp_size: int, world_size: int, field: str) -> None:
-    """Refuse, on the driver, a cluster that cannot hold `world_size` workers with node-local TP groups."""
+    """Refuse, on the driver, a cluster on which Ray could split a TP group across nodes.
+
+    Ray places the workers' bundles with PACK, filling node after node: a node that holds a number
+    of workers that is not a multiple of tp_size can end up with part of a TP group (capacity [3, 3],
+    tp 2, 4 workers: 3 + 1). So unless one node holds the whole group, every node that can hold a
+    worker must hold a multiple of tp_size, and together they must hold world_size."""
+    if max(capacity, default=0) >= world_size:
+        return  # PACK puts the whole group on one node
     usable = sum(c // tp_size * tp_size for c in capacity)
-    if usable < world_size:
+    ragged = [c for c in capacity if c % tp_size]
+    if usable < world_size or ragged:
         raise ConfigError(
             f"{field}: {world_size} workers in TP groups of {tp_size} need nodes that each hold a multiple of "
-            f"{tp_size} workers; the cluster's nodes hold {list(capacity)} workers, {usable} of them in whole TP "
-            f"groups. tp_size must divide the GPUs per node: lower tp_size, or add nodes."
+            f"{tp_size} workers (Ray packs workers node by node, so another count can split a TP group "
+            f"across nodes); the cluster's nodes hold {list(capacity)} workers. tp_size must divide the GPUs "
+            "per node (on CPU: the node's CPUs / ray.cpus_per_worker): lower tp_size, or resize the nodes."
         )

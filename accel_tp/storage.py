@@ -28,7 +28,7 @@ __all__ = [
     "read_text",
     "download",
     "upload",
-    "remove",
+    "replace_folder",
     "staging_dir",
     "RunFolderSync",
 ]
@@ -65,6 +65,9 @@ def _fs(uri: str, quick: bool = False) -> tuple[Any, str]:
     if quick and uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region is None and endpoint is None:
+            # What FileSystem.from_uri (Ray's path) does: ask AWS where the bucket lives.
+            region = pafs.resolve_s3_region(uri.removeprefix("s3://").split("/", 1)[0])
         fs = pafs.S3FileSystem(
             endpoint_override=endpoint,
             region=region,
@@ -84,6 +87,12 @@ def _where(uri: str) -> str:
 
 def check_storage(uri: str, field: str) -> None:
     """Prove `uri` takes, returns and deletes a file, in seconds, or fail naming `field` and the fix."""
+    if "?" in uri:
+        # accel-tp joins paths onto the URI; options belong in the standard variables.
+        raise ConfigError(
+            f"{field}: {uri!r} has URI options; set them through the standard variables instead "
+            "(AWS_REGION, AWS_ENDPOINT_URL) and pass a plain s3://bucket/prefix."
+        )
     try:
         fs, path = _fs(uri, quick=True)
         probe = f"{path}/.accel-tp-write-test-{os.urandom(6).hex()}"
@@ -127,11 +136,21 @@ def download(uri: str, local: str | os.PathLike) -> Path:
     return local
 
 
-def remove(uri: str) -> None:
-    """Delete a remote folder and everything under it (nothing if absent)."""
+def replace_folder(local: str | os.PathLike, uri: str) -> None:
+    """Make the remote folder `uri` hold exactly the files of `local`: the new files are uploaded
+    first, then the ones only an earlier version had are deleted (a failed upload leaves the old
+    version's files, never an empty folder)."""
+    import pyarrow.fs as pafs
+
     fs, path = _fs(uri)
-    if exists(uri):
-        fs.delete_dir(path)
+    before = []
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        before = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.is_file]
+    upload(local, uri)
+    keep = {f"{path}/{p.relative_to(local).as_posix()}" for p in Path(local).rglob("*") if p.is_file()}
+    for stale in before:
+        if stale not in keep:
+            fs.delete_file(stale)
 
 
 def upload(local: str | os.PathLike, uri: str) -> None:
@@ -146,7 +165,8 @@ def upload(local: str | os.PathLike, uri: str) -> None:
 
 
 def staging_dir(run_uri: str) -> Path:
-    """The node-local folder a worker writes a remote run's files into before they are copied up."""
+    """The node-local folder a worker writes a remote run's files into before they are copied up
+    (under $TMPDIR; removed after the run's last upload)."""
     key = hashlib.sha256(run_uri.encode()).hexdigest()[:12]
     # Named like the run: Accelerate's trackers write to <project_dir>/<run name>.
     return Path(tempfile.gettempdir()) / "accel-tp-runs" / key / run_uri.rstrip("/").rsplit("/", 1)[-1]
@@ -176,6 +196,22 @@ class RunFolderSync:
     def remote(self, local: str | os.PathLike) -> str:
         """The URI a staged file or folder is mirrored to."""
         return join(self.run_uri, Path(local).relative_to(self.staging).as_posix())
+
+    def close(self) -> None:
+        """The last upload, then the staging folder is removed. Best effort when the run is already
+        failing (its own error is the one to see); an upload error of a finished run is raised."""
+        import sys
+
+        failing = sys.exc_info()[0] is not None
+        try:
+            self.push(force=True)
+        except Exception as e:
+            if not failing:
+                raise
+            # Kept: the staging folder is now the only copy of what did not go up.
+            print(f"[accel-tp] could not copy {self.staging} to {self.run_uri}: {e}", flush=True)
+            return
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def push(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -482,14 +482,15 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         log = state.step % cfg.train.log_every == 0 or last or "eval_loss" in metrics
         if log or save:
             rt.log.append(metrics)
+        if rt.sync is not None and (log or save):
+            # Before the checkpoint is reported: a resume from it then finds its metrics row upstream.
+            rt.sync.push(force=bool(save))
         if save:
             last_ckpt = (
                 rt.checkpointer.save(state.step, metrics) or f"step_{state.step:08d} (reported to Ray)"
             )
         elif log:
             _report(under_ray, metrics)
-        if rt.sync is not None and (log or save):
-            rt.sync.push(force=bool(save))
         t_last = time.perf_counter()  # checkpoint and logging time is not step time
     if bar is not None:
         bar.close()
@@ -560,6 +561,7 @@ def run_worker(cfg: Config, under_ray: bool, run_uri: str | None = None) -> dict
         metrics = train_loop(rt, under_ray)
     finally:
         rt.accelerator.end_training()
-    if rt.sync is not None:
-        rt.sync.push(force=True)  # what the trackers flushed when they closed
+        if rt.sync is not None:
+            # What the trackers flushed when they closed, and a failed run's last metrics lines.
+            rt.sync.close()
     return metrics

@@ -296,8 +296,7 @@ def test_local_storage_other_nodes_cannot_see_is_refused(cluster, cache, tmp_pat
 
     private = tmp_path / "private"
     private.mkdir()
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
-    if shutil.which("unshare") is None or probe.returncode != 0:
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
         pytest.skip("needs unshare -m (a private mount namespace) to hide a folder from the other nodes")
     ov = overrides(tmp_path, "not-shared", cache, **{"ray.storage_path": str(private), "train.max_steps": 2})
     cmd = [sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY),
