@@ -195,7 +195,7 @@ def test_tp_groups_are_node_local_and_the_mesh_is_printed(s3_run):
     node_ids = [ln.split("(", 1)[1].split(")", 1)[0] for ln in lines]
     assert node_ids[0] != node_ids[1]
     # What a lost node would do, said up front.
-    assert "a lost worker or node ends the run (ray.max_failures: 0)" in text
+    assert "a lost worker or node ends the run (ray.max_failures: 0;" in text
 
 
 def test_one_tokenization_per_cluster_on_a_shared_cache(s3_run):
