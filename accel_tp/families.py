@@ -48,6 +48,7 @@ __all__ = [
     "tensor_parallel_block",
     "check_against_model",
     "to_regex",
+    "localize_attention",
 ]
 
 # The styles DeepSpeed 0.19.8's TPPlanConverter takes (module_inject/tp_plan_converter.py SUPPORTED_STYLES).
@@ -75,22 +76,25 @@ HOW_HEURISTIC = "DeepSpeed heuristic (the model has no tp_plan)"
 
 # Plans written per family, where the model's own plan is not what its code can run sharded (or
 # not efficiently). Each says why; tests/test_families.py trains each against the reference.
+# accel-tp's own style for a fused [q; k; v] projection: a column split of each part, sized from
+# the model's head counts (DeepSpeed's TPLayerSpec shape ((q, k, v), -1)). Only in per-family plans.
+PACKED_QKV = "packed_qkv"
 _FUSED_MLP = {"layers.*.mlp.gate_up_proj": "packed_colwise", "layers.*.mlp.down_proj": "rowwise"}
 _QKV = {f"layers.*.self_attn.{p}_proj": "colwise" for p in "qkv"} | {"layers.*.self_attn.o_proj": "rowwise"}
 FAMILY_PLANS: dict[str, tuple[dict[str, str], str]] = {
     "phi3": (
         {
-            # Phi3Attention slices its fused qkv output at config.num_attention_heads * head_dim and
-            # self.num_key_value_heads * head_dim, and AutoTP rewrites num_key_value_heads on any
-            # attention module it shards a weight of: a head-sharded (or gathered) qkv_proj reads the
-            # wrong columns. The attention stays whole on every rank; the MLP is sharded.
-            "layers.*.self_attn.qkv_proj": "replicate",
-            "layers.*.self_attn.o_proj": "replicate",
+            # The fused [q; k; v] weight is split per part (q by query heads, k and v by kv heads), so
+            # a rank holds [q_r; k_r; v_r]. Phi3Attention slices it at config.num_attention_heads x
+            # head_dim and self.num_key_value_heads x head_dim: AutoTP makes the second local, and
+            # localize_attention gives each attention module a config with the local head counts.
+            "layers.*.self_attn.qkv_proj": PACKED_QKV,
+            "layers.*.self_attn.o_proj": "rowwise",
             **_FUSED_MLP,
             "lm_head": "colwise_gather_output",
         },
-        "attention whole on every rank (its fused qkv is sliced by full head counts); fused gate_up "
-        "split per half, down_proj row-parallel",
+        "fused qkv split per q / k / v part by heads, o_proj row-parallel; fused gate_up split per half, "
+        "down_proj row-parallel",
     ),
     "glm4": (
         {**_QKV, **_FUSED_MLP, "lm_head": "colwise_gather_output"},
@@ -195,7 +199,8 @@ def resolve_partition(section: ModelSection, mconf: Any, tp_size: int) -> Partit
         notes.append("MoE experts replicated on every TP rank (attention sharded)")
         if how == HOW_AUTO:
             how = HOW_DERIVED
-    unknown = sorted({s for s in plan.values() if s not in ModelSection.TP_STYLES})
+    known = ModelSection.TP_STYLES | ({PACKED_QKV} if how == HOW_FAMILY else set())
+    unknown = sorted({s for s in plan.values() if s not in known})
     if unknown:
         field_name = "model.tp_plan" if how == HOW_USER else "model.name_or_path"
         raise ConfigError(
@@ -211,7 +216,7 @@ def resolve_partition(section: ModelSection, mconf: Any, tp_size: int) -> Partit
         how=how,
         model_type=model_type,
         plan=plan,
-        partition_config=_partition_config(plan, how),
+        partition_config=_partition_config(plan, how, _qkv_sizes(mconf)),
         notes=tuple(notes),
     )
 
@@ -223,7 +228,18 @@ def to_regex(pattern: str) -> str:
     return rf"^(?:.*\.)?{body}\.weight$"
 
 
-def _partition_config(plan: dict[str, str], how: str) -> dict[str, Any]:
+def _qkv_sizes(mconf: Any) -> list[int] | None:
+    """Output rows of the q, k and v parts of a fused qkv projection (None: no head counts)."""
+    text = _text_config(mconf)
+    heads = getattr(text, "num_attention_heads", None)
+    if not heads:
+        return None
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return [heads * head_dim, kv * head_dim, kv * head_dim]
+
+
+def _partition_config(plan: dict[str, str], how: str, qkv_sizes: list[int] | None = None) -> dict[str, Any]:
     field_name = "model.tp_plan" if how == HOW_USER else "model.name_or_path"
     specs: list[dict[str, Any]] = []
     split_input: dict[str, str] = {}  # module name -> pattern (DeepSpeed routes by the last segment)
@@ -234,6 +250,9 @@ def _partition_config(plan: dict[str, str], how: str) -> dict[str, Any]:
             spec.update(partition_type="column", gather_output=_COLUMN[style])
         elif style == "packed_colwise":
             spec.update(partition_type="column", shape=[2, -1], partition_dim=0)
+        elif style == PACKED_QKV:
+            assert qkv_sizes is not None, "a fused qkv split needs the model's head counts"
+            spec.update(partition_type="column", shape=[qkv_sizes, -1], partition_dim=0)
         elif style in _ROW:
             spec.update(partition_type="row")
         elif style == "replicated_with_grad_allreduce":
@@ -294,3 +313,23 @@ def check_against_model(partition: Partition, model: Any) -> None:
             f"{partition.model_type!r} model; fix the patterns (module names like "
             "'layers.*.self_attn.q_proj') or use parallelism.tp_size: 1."
         )
+
+
+def localize_attention(module: Any, partition: Partition, tp_size: int) -> int:
+    """After sharding: attention modules that read head counts from their config (Phi-3 slices its
+    fused qkv output at config.num_attention_heads x head_dim) get a copy of the config with this
+    rank's head counts. The model's own config (saved by the export) keeps the whole counts.
+    Returns how many modules were changed."""
+    import copy
+
+    if tp_size <= 1 or PACKED_QKV not in partition.plan.values():
+        return 0
+    changed = 0
+    for sub in module.modules():
+        if type(sub).__name__ == "Phi3Attention":
+            local = copy.copy(sub.config)
+            local.num_attention_heads = sub.config.num_attention_heads // tp_size
+            local.num_key_value_heads = sub.config.num_key_value_heads // tp_size
+            sub.config = local
+            changed += 1
+    return changed

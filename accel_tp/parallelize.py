@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, ModelSection
+from .families import localize_attention, partition_for
 
 __all__ = [
     "check_device_support",
@@ -166,7 +167,9 @@ def document_block_mask(position_ids: torch.Tensor, block: int = _MASK_BLOCK) ->
 
 
 def apply_after_sharding(module: Any, cfg: Config) -> list[str]:
-    """Levers on the sharded module (the engine's `.module`); returns what was applied."""
+    """Fix-ups and levers on the sharded module (the engine's `.module`); returns the levers applied."""
+    tp = cfg.parallelism.tp_size
+    localize_attention(module, partition_for(cfg.model, tp), tp)  # before compile traces the forward
     if cfg.model.compile:
         return [f"compiled {compile_decoder_layers(module)} decoder layers"]
     return []

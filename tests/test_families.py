@@ -91,7 +91,7 @@ ATTN_MLP = {
 }  # fmt: skip
 LAYOUTS: dict[str, dict[str, str]] = {
     "starcoder2": {**{k: v for k, v in ATTN_MLP.items() if "_proj" in k and k[0] in "qkvo"}, "c_fc": "column", "c_proj": "row"},
-    "phi3": {"qkv_proj": "whole", "o_proj": "whole", "gate_up_proj": "column", "down_proj": "row"},
+    "phi3": {"qkv_proj": "column", "o_proj": "row", "gate_up_proj": "column", "down_proj": "row"},
     "glm4": {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row", "gate_up_proj": "column", "down_proj": "row"},
     "qwen3_moe": {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row"},
     "mixtral": {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row"},
