@@ -212,8 +212,7 @@ def check_shared_storage(storage: str, nodes: list[dict[str, Any]]) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    workers = nodes
-    if len(workers) <= 1 and all(n.get("NodeID") == ray.get_runtime_context().get_node_id() for n in workers):
+    if len(nodes) <= 1 and all(n.get("NodeID") == ray.get_runtime_context().get_node_id() for n in nodes):
         return
     probe = Path(storage) / f".accel-tp-shared-{os.urandom(6).hex()}"
     probe.write_text("")
@@ -224,12 +223,12 @@ def check_shared_storage(storage: str, nodes: list[dict[str, Any]]) -> None:
                 sees.options(
                     scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
                 ).remote(str(probe))
-                for n in workers
+                for n in nodes
             ]
         )
     finally:
         probe.unlink()
-    blind = [n.get("NodeManagerAddress", n["NodeID"]) for n, ok in zip(workers, seen) if not ok]
+    blind = [n.get("NodeManagerAddress", n["NodeID"]) for n, ok in zip(nodes, seen) if not ok]
     if blind:
         raise ConfigError(
             f"ray.storage_path: {storage!r} is not shared: nodes {blind} do not see it, so their "

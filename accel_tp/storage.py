@@ -57,13 +57,18 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def _endpoint() -> str | None:
+    """The S3 endpoint override from the standard variables (the S3-specific one first)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def _fs(uri: str, quick: bool = False) -> tuple[Any, str]:
     """pyarrow filesystem and in-filesystem path of `uri`. `quick`: short timeouts and no retries,
     so an unreachable endpoint fails in seconds (the pre-flight probe)."""
     import pyarrow.fs as pafs
 
     if quick and uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = _endpoint()
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region is None and endpoint is None:
             # What FileSystem.from_uri (Ray's path) does: ask AWS where the bucket lives.
@@ -81,7 +86,7 @@ def _fs(uri: str, quick: bool = False) -> tuple[Any, str]:
 
 
 def _where(uri: str) -> str:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _endpoint()
     return f" (endpoint {endpoint} from AWS_ENDPOINT_URL)" if uri.startswith("s3://") and endpoint else ""
 
 
