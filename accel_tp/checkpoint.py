@@ -14,7 +14,9 @@ folder beside it (`step_N.universal`; the original is never modified) and loaded
 engine's `load_universal_checkpoint` switched on for that one load. Measured with DeepSpeed 0.19.8
 (tp2xdp2 ZeRO-1 -> tp1xdp4, tp4xdp1, tp2xdp1, tp1xdp1, tp2xdp2 ZeRO-2): every fp32 master weight and
 Adam moment is bit-identical after the load, and the continuation gives the losses of continuing
-on the original layout to float rounding (tests/test_reshard.py).
+on the original layout to float rounding (tests/test_reshard.py). ZeRO-0 checkpoints hold each TP
+rank's whole state, so they load natively at stage 0 with the same tp_size on any dp_size; resharding
+to or from ZeRO-0 is refused (check_resume says why; tests/test_zero_stage0.py).
 """
 
 from __future__ import annotations
@@ -73,11 +75,12 @@ class TrainState:
     tokens: int = 0  # real (non-padding) tokens seen, all DP ranks together
     global_batch_size: int = 0  # sequences per optimizer step when saved; a resume must match
     model: str = ""  # fingerprint of the model's shape; a resume must match
-    # "tp2xdp2" and the ZeRO stage (0: not recorded): DeepSpeed's shards and partitions follow them;
-    # a resume on another layout or stage is resharded through DeepSpeed's universal checkpoint.
+    # "tp2xdp2" and the ZeRO stage (None: not recorded; 0 is ZeRO off): DeepSpeed's shards and
+    # partitions follow them; a resume on another layout or stage is resharded through DeepSpeed's
+    # universal checkpoint (except to or from stage 0: check_resume).
     layout: str = ""
     data: str = ""  # fingerprint of the training data and its order (data_fingerprint); must match
-    zero_stage: int = 0
+    zero_stage: int | None = None
 
     # Only the position comes back from a checkpoint. The identity fields (global batch, model,
     # layout, data, ZeRO stage) stay what this run computed: check_resume has compared them, and a
@@ -144,7 +147,26 @@ def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) 
             f"{where}: not an accel-tp checkpoint (no custom_checkpoint_0.pkl with the train state)."
         )
     plan = reshard_plan(saved, current)
-    if plan and 3 in (int(saved.get("zero_stage") or 0), int(current.zero_stage or 0)):
+    stages = (_stage(saved.get("zero_stage")), _stage(current.zero_stage))
+    if plan and 0 in stages:
+        # Measured with DeepSpeed 0.19.8. From ZeRO-0: its checkpoint keeps each TP rank's whole torch
+        # optimizer state in pytorch_model/mp_rank_NN_model_states.pt and writes no ZeRO partition
+        # files, the only optimizer files the converter reads (deepspeed/checkpoint/ds_to_universal.py
+        # _get_optim_files, line 1026: "can't find *_optim_states.pt files"). To ZeRO-0: a universal
+        # load assumes a ZeRO optimizer; a ZeRO-0 engine skips the module weights under it
+        # (runtime/engine.py:4660, left to the ZeRO optimizer's universal loader), then hands torch
+        # AdamW the mp_rank file's 'optimizer' entry, None in a ZeRO checkpoint (engine.py:4699:
+        # AttributeError 'NoneType' object has no attribute 'copy'), and would call
+        # optimizer.update_lp_params() (engine.py:4488), which torch AdamW lacks.
+        raise ValueError(
+            f"{where}: resharding {plan} is not supported: DeepSpeed's universal checkpoint neither "
+            "reads a ZeRO-0 checkpoint (it has no *_optim_states.pt partition files; ds_to_universal.py "
+            "_get_optim_files) nor loads into a ZeRO-0 engine (engine.py _load_checkpoint hands torch "
+            "AdamW no state). Resume with the checkpoint's deepspeed.zero_stage and parallelism.tp_size "
+            "(at ZeRO-0 dp_size may differ: every DP rank holds the whole state of its TP rank), or start "
+            "a new run from its weights (checkpoint.export_hf, model.name_or_path)."
+        )
+    if plan and 3 in stages:
         # Resharding is tested for ZeRO-1/2 (DeepSpeed's ds_to_universal merges their optimizer
         # partitions); ZeRO-3 keeps the weights in its own partition files, which that path has not
         # been checked on: refuse rather than continue a different model.
@@ -173,35 +195,48 @@ def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) 
         )
 
 
-def _describe(layout: str, stage: int) -> str:
-    return f"{layout or '?'} ZeRO-{stage}" if stage else (layout or "?")
+def _stage(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _describe(layout: str, stage: int | None) -> str:
+    return f"{layout or '?'} ZeRO-{stage}" if stage is not None else (layout or "?")
+
+
+def _tp_of(layout: str) -> str:
+    return layout.partition("xdp")[0]
 
 
 def reshard_plan(saved: dict[str, Any], current: TrainState) -> str | None:
     """'tp2xdp2 ZeRO-1 -> tp1xdp4 ZeRO-2' when the checkpoint's layout or ZeRO stage differs from
     this run's (it must then be loaded as a universal checkpoint), None when it loads natively.
-    A field either side did not record (old checkpoints: no zero_stage) counts as the same."""
+    A field either side did not record (old checkpoints: no zero_stage) counts as the same.
+    ZeRO-0 on both sides with the same tp_size loads natively whatever the dp sizes: every DP rank
+    holds the whole model and optimizer state of its TP rank, saved once per TP rank
+    (mp_rank_NN_model_states.pt), and DeepSpeed checks the saved DP size only for ZeRO partitions."""
     s_layout, c_layout = saved.get("layout") or "", current.layout
-    s_stage, c_stage = int(saved.get("zero_stage") or 0), int(current.zero_stage or 0)
+    s_stage, c_stage = _stage(saved.get("zero_stage")), _stage(current.zero_stage)
     layout_differs = bool(s_layout and c_layout and s_layout != c_layout)
-    stage_differs = bool(s_stage and c_stage and s_stage != c_stage)
+    stage_differs = s_stage is not None and c_stage is not None and s_stage != c_stage
+    if layout_differs and s_stage == 0 and c_stage == 0 and _tp_of(s_layout) == _tp_of(c_layout):
+        layout_differs = False
     if not (layout_differs or stage_differs):
         return None
     return f"{_describe(s_layout, s_stage)} -> {_describe(c_layout, c_stage)}"
 
 
-def _zero_stage_of(accelerator: Any) -> int:
-    """The ZeRO stage of the accelerator's DeepSpeed plugin (0 when it has none, e.g. a stand-in)."""
+def _zero_stage_of(accelerator: Any) -> int | None:
+    """The ZeRO stage of the accelerator's DeepSpeed plugin (None when it has none, e.g. a stand-in)."""
     try:
         plugin = accelerator.state.deepspeed_plugin
         return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) or 0)
     except (AttributeError, TypeError, ValueError):
-        return 0
+        return None
 
 
 def _fill_zero_stage(state: TrainState, accelerator: Any) -> None:
     # trainer.setup records it; until then (or for callers that do not) take it from the plugin.
-    if not state.zero_stage:
+    if state.zero_stage is None:
         state.zero_stage = _zero_stage_of(accelerator)
 
 

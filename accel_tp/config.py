@@ -262,7 +262,12 @@ class ParallelismSection:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: Literal[1, 2, 3] = 1
+    # 1-3: ZeRO partitions optimizer state (1), gradients (2) and parameters (3) over the DP ranks.
+    # 0: no ZeRO: every DP rank keeps the whole optimizer state of its TP shard, DeepSpeed all-reduces
+    # the gradients over DP and steps the optimizer itself (no ZeRO bucketing or partition copies).
+    # Only with precision fp32 (bf16 / fp16 are refused: validate). Its checkpoints resume at stage 0
+    # with the same tp_size on any dp_size, not on another stage or tp_size (checkpoint.check_resume).
+    zero_stage: Literal[0, 1, 2, 3] = 1
     # auto: bf16 on GPUs that support it, fp16 (with dynamic loss scaling) on GPUs that do not,
     # fp32 on CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -281,6 +286,25 @@ class DeepSpeedSection:
         if self.gradient_clipping < 0:
             raise ConfigError(
                 f"deepspeed.gradient_clipping: must be >= 0 (0 turns it off), got {self.gradient_clipping}."
+            )
+        if self.zero_stage == 0 and self.precision != "fp32":
+            # DeepSpeed 0.19.8 without ZeRO wraps a bf16 / fp16 model's torch AdamW in
+            # FP16_UnfusedOptimizer (runtime/engine.py _do_optimizer_sanity_check: DDP_BFLOAT16 / FP16;
+            # its BF16_Optimizer is only taken with pipeline parallelism), which is wrong for us twice:
+            # its constructor steps the optimizer once on zero gradients
+            # (runtime/fp16/unfused_optimizer.py initialize_optimizer_states, line 425): AdamW counts a
+            # step (bias correction off by one for the whole run) and applies one weight decay at the
+            # base lr; and at tp > 1 its gradient norm drops the shards of TP ranks > 0 (step() hands
+            # get_weight_norm plain gradient tensors, on which runtime/utils.py:575
+            # is_model_parallel_parameter is false), so clipping uses too small a norm. Measured on
+            # CPU (tiny model, 20 steps): 1.1e-2 relative loss error at tp1 vs 2.6e-4 for ZeRO-1 bf16.
+            # "auto" is refused too: it resolves to bf16 or fp16 on GPUs.
+            raise ConfigError(
+                f"deepspeed.zero_stage: 0 needs deepspeed.precision: fp32 (got {self.precision!r}): DeepSpeed "
+                "without ZeRO trains a bf16 / fp16 model through its FP16_UnfusedOptimizer, which takes one "
+                "AdamW step on zero gradients when it is built (an extra weight decay, Adam's bias correction "
+                "off by one step) and, at tp_size > 1, clips with a gradient norm that misses the other TP "
+                "ranks' shards. Use deepspeed.zero_stage: 1 for bf16 / fp16, or precision: fp32 with stage 0."
             )
         clashes = []
         for key, value in self.overrides.items():

@@ -144,9 +144,9 @@ def test_section_that_is_not_a_mapping() -> None:
             "step",
             "train.lr_schedule: must be one of ['cosine', 'linear', 'constant']",
         ),
-        ("deepspeed", "zero_stage", 4, "deepspeed.zero_stage: must be one of [1, 2, 3], got 4"),
-        ("deepspeed", "zero_stage", "1", "deepspeed.zero_stage: must be one of [1, 2, 3], got '1'"),
-        ("deepspeed", "zero_stage", True, "deepspeed.zero_stage: must be one of [1, 2, 3], got True"),
+        ("deepspeed", "zero_stage", 4, "deepspeed.zero_stage: must be one of [0, 1, 2, 3], got 4"),
+        ("deepspeed", "zero_stage", "1", "deepspeed.zero_stage: must be one of [0, 1, 2, 3], got '1'"),
+        ("deepspeed", "zero_stage", True, "deepspeed.zero_stage: must be one of [0, 1, 2, 3], got True"),
         (
             "deepspeed",
             "precision",
@@ -191,6 +191,33 @@ def test_zero3_is_accepted(tp: int) -> None:
     # ZeRO-3 trains with parity (tests/test_multiprocess.py) since models are built whole.
     cfg = config_from_dict(with_(deepspeed={"zero_stage": 3}, parallelism={"tp_size": tp}))
     assert cfg.deepspeed.zero_stage == 3
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_zero0_is_accepted_with_fp32(tp: int) -> None:
+    # Parity with the reference and with ZeRO-1, native resume (tests/test_zero_stage0.py).
+    cfg = config_from_dict(
+        with_(deepspeed={"zero_stage": 0, "precision": "fp32"}, parallelism={"tp_size": tp, "dp_size": 2})
+    )
+    assert cfg.deepspeed.zero_stage == 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
+def test_zero0_with_mixed_precision_is_refused(precision: str) -> None:
+    # DeepSpeed's FP16_UnfusedOptimizer (stage 0 with bf16 / fp16) steps AdamW once at build time and
+    # misses the other TP ranks' gradient shards in its norm (accel_tp/config.py DeepSpeedSection).
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(with_(deepspeed={"zero_stage": 0, "precision": precision}))
+    msg = str(e.value)
+    assert msg.startswith(f"deepspeed.zero_stage: 0 needs deepspeed.precision: fp32 (got '{precision}')")
+    assert "FP16_UnfusedOptimizer" in msg and "deepspeed.zero_stage: 1" in msg
+    # The default precision is auto: stage 0 alone is refused, stage 0 with fp32 is not.
+    with pytest.raises(ConfigError, match="needs deepspeed.precision: fp32"):
+        load_config(CONFIG_DIR / "tiny_tp2_dp2.yaml", ["deepspeed.zero_stage=0"])
+    cfg = load_config(
+        CONFIG_DIR / "tiny_tp2_dp2.yaml", ["deepspeed.zero_stage=0", "deepspeed.precision=fp32"]
+    )
+    assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == (0, "fp32")
 
 
 def test_yaml_exponent_without_dot_from_file(tmp_path: Path) -> None:

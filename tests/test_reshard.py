@@ -239,9 +239,16 @@ def test_another_layout_or_stage_is_accepted_and_planned():
         == "tp2xdp2 ZeRO-1 -> tp2xdp2 ZeRO-2"
     )
     assert reshard_plan(SAVED, TrainState(**{**CURRENT, "layout": "tp2xdp2", "zero_stage": 1})) is None
-    # A stage either side did not record (older checkpoints) counts as the same.
-    assert reshard_plan({**SAVED, "zero_stage": 0}, TrainState(**{**CURRENT, "layout": "tp2xdp2"})) is None
-    assert reshard_plan(SAVED, TrainState(**{**CURRENT, "layout": "tp2xdp2", "zero_stage": 0})) is None
+    # A stage either side did not record (older checkpoints: None or no key) counts as the same;
+    # 0 is ZeRO-0, another stage.
+    assert reshard_plan({**SAVED, "zero_stage": None}, TrainState(**{**CURRENT, "layout": "tp2xdp2"})) is None
+    saved = {k: v for k, v in SAVED.items() if k != "zero_stage"}
+    assert reshard_plan(saved, TrainState(**{**CURRENT, "layout": "tp2xdp2"})) is None
+    assert reshard_plan(SAVED, TrainState(**{**CURRENT, "layout": "tp2xdp2", "zero_stage": None})) is None
+    assert (
+        reshard_plan(SAVED, TrainState(**{**CURRENT, "layout": "tp2xdp2", "zero_stage": 0}))
+        == "tp2xdp2 ZeRO-1 -> tp2xdp2 ZeRO-0"
+    )
 
 
 def test_load_restores_only_the_position():
