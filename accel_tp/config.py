@@ -106,8 +106,13 @@ class ModelSection:
     liger_kernel: bool = False
     # torch.compile each decoder layer (fuses norms, rotary and activations; the first steps compile).
     compile: bool = False
-    # Recompute activations in the backward pass: only when memory requires it (costs ~1/3 more compute).
-    activation_checkpointing: bool = False
+    # With compile: keep torch.compile's artifacts in the run folder (compile_cache/, one file per
+    # rank) and load them when a worker starts, so a restart on a fresh node skips most compiling.
+    compile_cache: bool = True
+    # Recompute activations in the backward pass: only when memory requires it (costs ~1/3 more
+    # compute). true: every decoder layer; a number N: only the first N layers (selective: frees
+    # N layers' activations for 1/L of the recompute each, so use the smallest N that fits).
+    activation_checkpointing: bool | int = False
     # data.format chat: a Jinja chat template (a string holding "{%" or "{{") or the path of a file
     # holding one; replaces the tokenizer's own template (and is saved with the HF export).
     chat_template: str | None = None
@@ -136,6 +141,12 @@ class ModelSection:
             raise ConfigError(
                 "model.tokenizer: a random-init architecture needs a tokenizer; set "
                 "model.tokenizer: default (local BPE on the embedded corpus) or a hub id / directory."
+            )
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool) and ac < 1:
+            raise ConfigError(
+                f"model.activation_checkpointing: {ac} layers; give a layer count >= 1, true (every layer) "
+                "or false (none)."
             )
         if self.tp_plan is not None:
             bad = {k: v for k, v in self.tp_plan.items() if not isinstance(k, str) or v not in self.TP_STYLES}

@@ -16,7 +16,7 @@ from .env import VERBOSE_ENV, ray_worker_env
 from .export import ray_registered
 from .model import load_tokenizer, model_config
 from .parallel import Topology, check_tp_heads
-from .parallelize import check_device_support
+from .parallelize import check_device_support, checkpointed_layer_count
 from .placement import check_cluster_fits, workers_per_node
 from .storage import AWS_ENV, check_storage, exists, is_remote, join, read_text
 from .trainer import run_worker
@@ -45,6 +45,7 @@ def preflight(cfg: Config, world_size: int | None = None, tokenizer: bool = Fals
     partition = resolve_partition(cfg.model, mconf, par.tp_size)
     if partition.partition_config is not None:
         check_against_model(partition, build_meta_model(mconf, cfg.model.trust_remote_code))
+    checkpointed_layer_count(cfg.model.activation_checkpointing, mconf.num_hidden_layers)
     max_pos = getattr(mconf, "max_position_embeddings", None)
     if max_pos is not None and cfg.data.seq_length > max_pos:
         raise ConfigError(

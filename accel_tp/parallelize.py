@@ -28,6 +28,8 @@ __all__ = [
     "apply_after_sharding",
     "apply_liger_kernels",
     "compile_decoder_layers",
+    "checkpointed_layer_count",
+    "enable_activation_checkpointing",
     "document_block_mask",
     "FUSED_LOSS_CHUNK_MEM",
     "DOCUMENT_BLOCK_MASK_ENV",
@@ -63,13 +65,42 @@ def apply_before_sharding(model: Any, cfg: Config, tp_size: int) -> list[str]:
         )
         applied.append(f"Liger ({', '.join(kernels)})")
     if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        applied.append("activation checkpointing")
+        applied.append(enable_activation_checkpointing(model, cfg.model.activation_checkpointing))
     if cfg.model.attn_implementation == "flex_attention" and os.environ.get(DOCUMENT_BLOCK_MASK_ENV) == "1":
         # Last, so it wraps the fused-loss forward too (the mask reaches the base model either way).
         model.forward = _block_mask_forward(model.forward)
         applied.append("document block masks built outside Transformers")
     return applied
+
+
+def checkpointed_layer_count(setting: bool | int, num_layers: int) -> int:
+    """How many decoder layers `model.activation_checkpointing` recomputes (true: all of them)."""
+    if setting is True:
+        return num_layers
+    if setting is False:
+        return 0
+    if setting > num_layers:
+        raise ConfigError(
+            f"model.activation_checkpointing: {setting} layers, but the model has {num_layers}; use a count "
+            f"<= {num_layers}, or true for every layer."
+        )
+    return setting
+
+
+def enable_activation_checkpointing(model: Any, setting: bool | int) -> str:
+    """Transformers' non-reentrant checkpointing on all decoder layers, then off again on all but
+    the first N (each layer checks its own flag), so a run trades only as much recompute for
+    memory as it needs. Returns what was applied."""
+    layers = decoder_layers(model, "model.activation_checkpointing")
+    n = checkpointed_layer_count(setting, len(layers))
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for layer in list(layers)[n:]:
+        layer.gradient_checkpointing = False
+    return f"activation checkpointing ({n} of {len(layers)} layers)"
 
 
 # Measurement seam, off by default (docs/performance.md, 2026-12-02): "1" makes the model take its
@@ -258,14 +289,15 @@ def _fused_loss_forward(model: Any, fused_loss: Any) -> Any:
     return forward
 
 
-def decoder_layers(model: Any) -> Any:
-    """The model's list of transformer blocks (Hugging Face decoder-only layout)."""
+def decoder_layers(model: Any, field: str = "model.compile") -> Any:
+    """The model's list of transformer blocks (Hugging Face decoder-only layout); `field` is the
+    setting that needs them (named in the error)."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
     layers = getattr(base, "layers", None)
     if layers is None:
         raise ConfigError(
-            f"model.compile: cannot find the decoder layers of {type(model).__name__} "
-            "(expected <model>.model.layers); set model.compile: false."
+            f"{field}: cannot find the decoder layers of {type(model).__name__} "
+            f"(expected <model>.model.layers); set {field}: false."
         )
     return layers
 

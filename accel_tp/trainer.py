@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer, LocalCheckpointer, RayCheckpointer, TrainState
+from .compile_cache import CompileCache
 from .config import Config, ConfigError, elastic_worker_counts
 from .data import (
     ShardedLoader,
@@ -101,6 +102,8 @@ class Runtime:
     peak_flops: float | None = None
     # A remote run folder's mirror (rank 0 of a Ray run on object storage); None: written in place.
     sync: RunFolderSync | None = None
+    # torch.compile's artifacts kept with the run (model.compile with model.compile_cache); None: off.
+    compile_cache: CompileCache | None = None
 
     @property
     def metrics_path(self) -> Path | None:
@@ -289,6 +292,13 @@ def setup(cfg: Config, under_ray: bool, run_uri: str | None = None) -> Runtime:
         cfg, accelerator, topo, mconf, total_steps
     )
     accelerator.register_for_checkpointing(state, scheduler)
+    compile_cache = None
+    if cfg.model.compile and cfg.model.compile_cache:
+        # Before the first forward compiles anything.
+        compile_cache = CompileCache(run_uri if run_uri is not None else run_dir, topo.rank)
+        loaded = compile_cache.load()
+        if accelerator.is_main_process:
+            print(f"[accel-tp] {loaded}", flush=True)
     return Runtime(
         cfg=cfg,
         topo=topo,
@@ -308,6 +318,7 @@ def setup(cfg: Config, under_ray: bool, run_uri: str | None = None) -> Runtime:
         n_params=n_params,
         peak_flops=peak_bf16_flops() if device_type == "cuda" else None,
         sync=sync,
+        compile_cache=compile_cache,
     )
 
 
@@ -444,6 +455,8 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         state.step = step + 1
         state.samples += gbs
         state.tokens += int(stats["tokens"])
+        if step == start:
+            _first_step_done(rt, dt)
         metrics = {
             "step": state.step,
             "epoch": epoch,
@@ -454,6 +467,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
             "tokens_per_s": stats["tokens"] / dt,
             "tokens_per_s_per_device": stats["tokens"] / dt / rt.topo.world_size,
             "step_time_s": dt,
+            "time": time.time(),  # wall clock (Unix seconds): when this step ended
             "global_batch": gbs,
         }
         if rt.peak_flops:
@@ -504,6 +518,33 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     if acc.is_main_process:
         _finish(rt, metrics, time.perf_counter() - t_start, state.tokens - tokens_start, last_ckpt, exported)
     return metrics
+
+
+def _first_step_done(rt: Runtime, seconds: float) -> None:
+    """After this process's first step: how long the start took (the number a restart costs), and
+    the compile artifacts saved for the next start."""
+    saved = rt.compile_cache.save() if rt.compile_cache is not None else None
+    if rt.accelerator.is_main_process:
+        import psutil
+
+        since_start = time.time() - psutil.Process().create_time()
+        cache = ""
+        if rt.cfg.model.compile:
+            from torch._dynamo.utils import counters
+
+            aot, ind = counters["aot_autograd"], counters["inductor"]
+            cache = (
+                f"; compiled graphs taken from the cache: AOTAutograd {aot['autograd_cache_hit']} of "
+                f"{aot['autograd_cache_hit'] + aot['autograd_cache_miss']}, Inductor {ind['fxgraph_cache_hit']} of "
+                f"{ind['fxgraph_cache_hit'] + ind['fxgraph_cache_miss']}"
+            )
+        if saved:
+            cache += f"; compile cache saved ({saved / 2**20:.1f} MiB)"
+        print(
+            f"[accel-tp] first step of this worker done {since_start:.1f} s after it started "
+            f"(the step itself {seconds:.1f} s, compiling included){cache}",
+            flush=True,
+        )
 
 
 def _finish(

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"launch"},
     {"trainer"},
     {"export"},
-    {"data", "parallelize", "checkpoint", "metrics", "placement"},
+    {"data", "parallelize", "checkpoint", "compile_cache", "metrics", "placement"},
     {"model"},
     {"parallel"},
     {"families"},
