@@ -380,8 +380,10 @@ def test_rowwise_split_input_goes_to_deepspeeds_replicated_input_row_layer():
 
 def test_moe_experts_stay_whole():
     part = resolve_partition(ModelSection(name_or_path="x"), _config("mixtral"), 2)
-    assert part.plan["layers.*.mlp.experts"] == "replicate"
-    assert part.plan["layers.*.mlp.experts.gate_up_proj"] == "replicate"
+    # transformers 5.17 lists the experts in Mixtral's plan (kept whole here); 5.25 no longer does.
+    experts = {k: v for k, v in part.plan.items() if ".experts" in k}
+    assert all(v == "replicate" for v in experts.values()), experts
+    assert part.plan["layers.*.self_attn.q_proj"] == "colwise"
     assert any("experts replicated" in n for n in part.notes)
 
 
