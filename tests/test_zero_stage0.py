@@ -33,11 +33,11 @@ from accel_tp.config import load_config
 
 from .mp_utils import ROOT, TINY, _env, accelerate_launch, read_metrics, run, set_args
 from .reference import reference_run
+from .test_multiprocess import base_overrides, layout
 
 STEPS = 12
 EVERY = 6
 GLOBAL_BATCH = 8
-MICRO = 2
 RTOL = 2e-6  # fp32 parity, as tests/test_multiprocess.py
 RESHARD_LINE = "[accel-tp] resharding checkpoint"
 
@@ -45,30 +45,12 @@ RESHARD_LINE = "[accel-tp] resharding checkpoint"
 def overrides(
     cache: Path, out: Path, tp: int, dp: int, zero: int, name: str | None = None
 ) -> dict[str, object]:
-    return {
-        "run.seed": 7,
-        "run.output_dir": str(out),
-        "run.name": name or f"tp{tp}-dp{dp}-z{zero}",
-        "data.cache_dir": str(cache),
-        "data.seq_length": 64,
-        "data.eval_fraction": 0.05,
-        "deepspeed.precision": "fp32",
-        "deepspeed.gradient_clipping": 1.0,  # the reference's grad norms are ~2.5: clipping is active
-        "deepspeed.zero_stage": zero,
-        "parallelism.tp_size": tp,
-        "parallelism.dp_size": dp,
-        "train.max_steps": STEPS,
-        "train.warmup_steps": 2,
-        "train.learning_rate": 2e-3,
-        "train.weight_decay": 0.1,
-        "train.micro_batch_size": MICRO,
-        "train.grad_accum_steps": GLOBAL_BATCH // (MICRO * dp),
-        "train.log_every": 1,
-        "train.progress_bar": False,
-        "checkpoint.every_steps": EVERY,
-        "checkpoint.at_end": False,
-        "checkpoint.export_hf": (tp, dp, zero) == (2, 2, 0),
-    }
+    """tests/test_multiprocess.py's settings (gradient clipping on: the reference's grad norms are
+    ~2.5, so clipping is active), 12 steps with checkpoints at 6 and 12."""
+    ov = {**base_overrides(cache, out), **layout(tp, dp, zero)}
+    ov.update({"train.max_steps": STEPS, "checkpoint.every_steps": EVERY})
+    ov.update({"checkpoint.export_hf": (tp, dp, zero) == (2, 2, 0), "run.name": name or ov["run.name"]})
+    return ov
 
 
 def losses(metrics: list[dict]) -> list[float]:
