@@ -126,6 +126,9 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+_STATE_FILE = "custom_checkpoint_0.pkl"
+
+
 def peek_train_state(path: str | os.PathLike) -> dict[str, Any] | None:
     """The TrainState saved in a checkpoint folder, read without loading the model (None if absent).
 
@@ -133,7 +136,7 @@ def peek_train_state(path: str | os.PathLike) -> dict[str, Any] | None:
     """
     import torch
 
-    f = Path(path) / "custom_checkpoint_0.pkl"
+    f = Path(path) / _STATE_FILE
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
@@ -261,7 +264,9 @@ def convert_to_universal(src: str | os.PathLike, dest: str | os.PathLike) -> flo
     from deepspeed.checkpoint import ds_to_universal
 
     t0 = time.perf_counter()
-    tmp = dest.with_name(f".tmp-{dest.name}")
+    # A private temporary name: processes sharing a /tmp (several raylets on one host) may convert
+    # the same checkpoint at once; the first complete rename wins.
+    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in src.iterdir():
@@ -284,7 +289,12 @@ def convert_to_universal(src: str | os.PathLike, dest: str | os.PathLike) -> flo
         contextlib.redirect_stderr(log),
     ):
         ds_to_universal.main(args)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process's identical conversion won
     return time.perf_counter() - t0
 
 
@@ -531,8 +541,8 @@ class RayCheckpointer:
         _fill_zero_stage(self.state, self.accelerator)
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
-            with ckpt.as_directory() as path:
-                check_resume(peek_train_state(path), self.state, "ray checkpoint")
+            # Only the small train-state file, read where it is stored: no download of the rest.
+            check_resume(_peek_ray_train_state(ckpt), self.state, "ray checkpoint")
 
     def load(self) -> int:
         import ray.train
@@ -541,15 +551,80 @@ class RayCheckpointer:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return 0
-        with ckpt.as_directory() as path:
-            # Local storage: as_directory is the storage folder itself, so a resharding conversion
-            # is cached beside it like a local checkpoint's. Remote storage: `path` is a download
-            # (shared by the node's workers); convert into node-local temporary space instead,
-            # named after the checkpoint's storage path, and remove it after the load.
-            local = Path(path).resolve() == Path(str(ckpt.path)).resolve()
-            cache = None
-            if not local:
-                key = hashlib.sha256(str(ckpt.path).encode()).hexdigest()[:16]
-                cache = Path(tempfile.gettempdir()) / f"accel-tp-universal-{key}"
-            _load(self.accelerator, self.state, str(path), "ray checkpoint", cache, node_local=not local)
+        if _is_local(ckpt):
+            # The storage folder itself: a resharding conversion is cached beside it like a local
+            # checkpoint's.
+            _load(self.accelerator, self.state, ckpt.path, "ray checkpoint", None, node_local=False)
+            return self.state.step
+        # Remote storage: one download per node, shared by its workers; a resharding conversion
+        # goes to node-local temporary space too. Both are named after the checkpoint's storage
+        # path and removed once every worker has loaded.
+        key = hashlib.sha256(str(ckpt.path).encode()).hexdigest()[:16]
+        # Under the checkpoint's own name (step_N), which the resharding line prints.
+        folder = Path(tempfile.gettempdir()) / f"accel-tp-download-{key}" / Path(ckpt.path).name
+        cache = Path(tempfile.gettempdir()) / f"accel-tp-universal-{key}"
+        acc = self.accelerator
+        error = None
+        if acc.is_local_main_process:
+            try:
+                _download_once(ckpt, folder)
+            except Exception as e:  # noqa: BLE001 - every rank must pass the barrier, then fail together
+                error = e
+        acc.wait_for_everyone()
+        if error is not None:
+            raise RuntimeError(f"ray checkpoint: downloading {ckpt.path} failed: {error}") from error
+        if not folder.is_dir():
+            raise RuntimeError(
+                f"ray checkpoint: this node's download of {ckpt.path} failed (see its local rank 0)."
+            )
+        # No barrier on failure (another rank may be in a collective): the complete download is then
+        # left for a retry of the same checkpoint, which reuses it and removes it after its load.
+        _load(acc, self.state, str(folder), "ray checkpoint", cache, node_local=True)
+        acc.wait_for_everyone()
+        if acc.is_local_main_process:
+            shutil.rmtree(folder.parent, ignore_errors=True)
         return self.state.step
+
+
+def _is_local(ckpt: Any) -> bool:
+    import pyarrow.fs
+
+    return isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem)
+
+
+def _peek_ray_train_state(ckpt: Any) -> dict[str, Any] | None:
+    """peek_train_state for a Ray checkpoint, local or remote, without downloading the checkpoint."""
+    import io
+
+    import pyarrow.fs
+    import torch
+
+    if _is_local(ckpt):
+        return peek_train_state(ckpt.path)
+    path = f"{ckpt.path.rstrip('/')}/{_STATE_FILE}"
+    if ckpt.filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with ckpt.filesystem.open_input_file(path) as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+
+
+def _download_once(ckpt: Any, folder: Path) -> None:
+    """Download `ckpt` into `folder` unless it is there already: into a private temporary folder,
+    renamed when complete, so no reader ever sees a partial file. Not Checkpoint.as_directory: its
+    shared folder is downloaded again, in place, by a later worker of the node while an earlier one
+    reads it (ray/train/_checkpoint.py to_directory: the lock only covers a download in flight), which
+    loaded a truncated custom_checkpoint_0.pkl ("EOFError: Ran out of input") in CI."""
+    if folder.is_dir():
+        return  # complete: only ever created by the rename below; checkpoints are immutable
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt.to_directory(str(tmp))
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # another process (sharing this /tmp) renamed its copy first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
