@@ -9,13 +9,15 @@ autotuning results) and `load_cache_artifacts` writes them back into the local c
 process finds them there. Entries are keyed by content (graph, shapes, device, torch version):
 an artifact that no longer fits is simply not used, never used wrongly.
 
-One file per rank (`<run folder>/compile_cache/rank_<rank>.bin`), since a key names the device
-index a rank runs on. Written once, after the rank's first step (the training graphs: what a
-restart waits for), read before the first step. Once only: torch 2.11-2.13 appends each save to
-the last, and `load_cache_artifacts` reads the appended lists into a dict by artifact type, so a
-second save's file would load only its own new artifacts (measured: a file saved after the first
-step and again after an evaluation gave 0 of 4 cache hits). Evaluation graphs compile as before.
-The run folder may be local or an object-store URI.
+One file per rank and phase, since a key names the device index a rank runs on:
+`<run folder>/compile_cache/rank_<rank>.bin`, written after the rank's first step (the training
+graphs: what a restart waits for), and `rank_<rank>.eval.bin`, written after its first evaluation;
+both are read before the first step. Each once per process, into its own file: torch 2.11-2.13
+appends each save to the last, and `load_cache_artifacts` reads the appended lists into a dict by
+artifact type, so a file saved twice loads only the newest list of each type (measured: a file
+saved after the first step and again after an evaluation gave 0 of 4 training hits). The eval
+file therefore holds the training lists too but loads only the evaluation's; with the training
+file beside it, every graph is found. The run folder may be local or an object-store URI.
 
 Measured on one H100 (docs/performance.md, 2026-12-05): Qwen2.5-0.5B, first step 36.9 s compiling
 from an empty Inductor cache, 5.8 s on an empty Inductor cache with this file (every graph a hit).
@@ -34,58 +36,77 @@ __all__ = ["CompileCache", "COMPILE_CACHE_DIR"]
 COMPILE_CACHE_DIR = "compile_cache"
 
 
+PHASES = ("train", "eval")
+
+
 class CompileCache:
     """Load and save one rank's compile artifacts under a run folder (local path or URI)."""
 
     def __init__(self, run_folder: str | os.PathLike, rank: int) -> None:
-        self.location = join(str(run_folder), COMPILE_CACHE_DIR, f"rank_{rank:05d}.bin")
-        self._saved = False
+        base = join(str(run_folder), COMPILE_CACHE_DIR, f"rank_{rank:05d}")
+        self.locations = {"train": f"{base}.bin", "eval": f"{base}.eval.bin"}
+        self.location = self.locations["train"]
+        self._saved: set[str] = set()
 
     def load(self) -> str:
-        """Hot-load the artifacts a previous process of this run saved; returns what happened."""
+        """Hot-load the artifacts previous processes of this run saved; returns what happened."""
         import torch
 
-        data = self._read()
-        if data is None:
+        counts, size, bad = [0, 0, 0], 0, []
+        for phase in PHASES:
+            data = self._read(self.locations[phase])
+            if data is None:
+                continue
+            info = torch.compiler.load_cache_artifacts(data)
+            if info is None:
+                bad.append(self.locations[phase])
+                continue
+            size += len(data)
+            for i, n in enumerate(
+                (info.inductor_artifacts, info.aot_autograd_artifacts, info.autotune_artifacts)
+            ):
+                counts[i] += len(n)
+        if bad:
+            return f"compile cache: {', '.join(bad)} unreadable (compiling; replaced after the first step or evaluation)"
+        if not size:
             return "compile cache: none saved yet for this rank (compiling)"
-        info = torch.compiler.load_cache_artifacts(data)
-        if info is None:
-            return f"compile cache: {self.location} is unreadable (compiling; it is replaced after the first step)"
         return (
-            f"compile cache: loaded {len(info.inductor_artifacts)} Inductor, {len(info.aot_autograd_artifacts)} "
-            f"AOTAutograd and {len(info.autotune_artifacts)} autotuning entries ({len(data) / 2**20:.1f} MiB)"
+            f"compile cache: loaded {counts[0]} Inductor, {counts[1]} AOTAutograd and {counts[2]} "
+            f"autotuning entries ({size / 2**20:.1f} MiB)"
         )
 
-    def save(self) -> int | None:
-        """Write every artifact this process has compiled or used so far (replacing the file whole),
-        once per process (see the module's note); returns the bytes written, None when nothing was."""
+    def save(self, phase: str = "train") -> int | None:
+        """After the first step ("train") or the first evaluation ("eval"): write every artifact this
+        process has compiled or used so far to that phase's file (replacing it whole), once per
+        phase and process (see the module's note); returns the bytes written, None when nothing was."""
         import torch
 
-        if self._saved:
+        if phase in self._saved:
             return None
         result = torch.compiler.save_cache_artifacts()
-        self._saved = True
+        self._saved.add(phase)
         if result is None:
             return None
-        data = result[0]
-        if is_remote(self.location):
+        data, location = result[0], self.locations[phase]
+        if is_remote(location):
             with tempfile.TemporaryDirectory() as tmp:
                 staged = Path(tmp) / "rank.bin"
                 staged.write_bytes(data)
-                upload(staged, self.location)  # an object is replaced whole
+                upload(staged, location)  # an object is replaced whole
         else:
-            final = Path(self.location)
+            final = Path(location)
             final.parent.mkdir(parents=True, exist_ok=True)
             part = final.with_name(f".{final.name}.{os.getpid()}.tmp")
             part.write_bytes(data)
             os.replace(part, final)  # readers never see half a file
         return len(data)
 
-    def _read(self) -> bytes | None:
-        if not is_remote(self.location):
-            path = Path(self.location)
+    @staticmethod
+    def _read(location: str) -> bytes | None:
+        if not is_remote(location):
+            path = Path(location)
             return path.read_bytes() if path.is_file() else None
-        if not exists(self.location):
+        if not exists(location):
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            return download(self.location, Path(tmp) / "rank.bin").read_bytes()
+            return download(location, Path(tmp) / "rank.bin").read_bytes()

@@ -446,6 +446,9 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     rt.model.train()
     metrics: dict[str, Any] = {}
     t_last = time.perf_counter()
+    # Compiled-graph cache counters after the first step and the first evaluation.
+    graphs_before_eval: tuple[int, ...] = (0, 0, 0, 0)
+    graphs_at_first_eval: tuple[int, ...] | None = None
     for step in range(start, rt.total_steps):
         epoch, micro_batches = next(groups)
         lr = rt.scheduler.get_last_lr()[0]  # the rate this step trains with
@@ -456,7 +459,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         state.samples += gbs
         state.tokens += int(stats["tokens"])
         if step == start:
-            _first_step_done(rt, dt)
+            graphs_before_eval = _first_step_done(rt, dt)
         metrics = {
             "step": state.step,
             "epoch": epoch,
@@ -490,6 +493,8 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         ev = cfg.train.eval_every
         if rt.eval_data is not None and (last or (ev and state.step % ev == 0)):
             metrics.update(evaluate(rt))
+            if graphs_at_first_eval is None:
+                graphs_at_first_eval = _first_eval_done(rt, graphs_before_eval)
         save = (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or (
             last and cfg.checkpoint.at_end
         )
@@ -520,24 +525,35 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     return metrics
 
 
-def _first_step_done(rt: Runtime, seconds: float) -> None:
+def _graph_counts() -> tuple[int, int, int, int]:
+    """This process's compiled graphs so far: (AOTAutograd cache hits, AOTAutograd graphs, Inductor
+    cache hits, Inductor graphs)."""
+    from torch._dynamo.utils import counters
+
+    aot, ind = counters["aot_autograd"], counters["inductor"]
+    return (
+        aot["autograd_cache_hit"],
+        aot["autograd_cache_hit"] + aot["autograd_cache_miss"],
+        ind["fxgraph_cache_hit"],
+        ind["fxgraph_cache_hit"] + ind["fxgraph_cache_miss"],
+    )
+
+
+def _hits_text(now: tuple[int, ...], before: tuple[int, ...] = (0, 0, 0, 0)) -> str:
+    a, b, c, d = (x - y for x, y in zip(now, before))
+    return f"compiled graphs taken from the cache: AOTAutograd {a} of {b}, Inductor {c} of {d}"
+
+
+def _first_step_done(rt: Runtime, seconds: float) -> tuple[int, ...]:
     """After this process's first step: how long the start took (the number a restart costs), and
-    the compile artifacts saved for the next start."""
-    saved = rt.compile_cache.save() if rt.compile_cache is not None else None
+    the compile artifacts saved for the next start. Returns the graph counters (_graph_counts)."""
+    saved = rt.compile_cache.save("train") if rt.compile_cache is not None else None
+    counts = _graph_counts() if rt.cfg.model.compile else (0, 0, 0, 0)
     if rt.accelerator.is_main_process:
         import psutil
 
         since_start = time.time() - psutil.Process().create_time()
-        cache = ""
-        if rt.cfg.model.compile:
-            from torch._dynamo.utils import counters
-
-            aot, ind = counters["aot_autograd"], counters["inductor"]
-            cache = (
-                f"; compiled graphs taken from the cache: AOTAutograd {aot['autograd_cache_hit']} of "
-                f"{aot['autograd_cache_hit'] + aot['autograd_cache_miss']}, Inductor {ind['fxgraph_cache_hit']} of "
-                f"{ind['fxgraph_cache_hit'] + ind['fxgraph_cache_miss']}"
-            )
+        cache = f"; {_hits_text(counts)}" if rt.cfg.model.compile else ""
         if saved:
             cache += f"; compile cache saved ({saved / 2**20:.1f} MiB)"
         print(
@@ -545,6 +561,19 @@ def _first_step_done(rt: Runtime, seconds: float) -> None:
             f"(the step itself {seconds:.1f} s, compiling included){cache}",
             flush=True,
         )
+    return counts
+
+
+def _first_eval_done(rt: Runtime, before: tuple[int, ...]) -> tuple[int, ...]:
+    """After this process's first evaluation: its graphs' cache hits, and their artifacts saved."""
+    if not rt.cfg.model.compile:
+        return before
+    saved = rt.compile_cache.save("eval") if rt.compile_cache is not None else None
+    counts = _graph_counts()
+    if rt.accelerator.is_main_process:
+        note = f"; compile cache saved ({saved / 2**20:.1f} MiB)" if saved else ""
+        print(f"[accel-tp] first evaluation of this worker: {_hits_text(counts, before)}{note}", flush=True)
+    return counts
 
 
 def _finish(

@@ -16,4 +16,12 @@ def test_a_missing_or_damaged_file_means_compiling(tmp_path):
     assert "none saved yet" in cache.load()
     (tmp_path / "compile_cache").mkdir()
     (tmp_path / "compile_cache" / "rank_00000.bin").write_bytes(b"not torch's format")
-    assert "is unreadable (compiling" in cache.load()
+    assert "rank_00000.bin unreadable (compiling" in cache.load()
+
+
+def test_training_and_evaluation_artifacts_have_files_of_their_own(tmp_path):
+    cache = CompileCache(tmp_path, 1)
+    assert cache.locations == {
+        "train": f"{tmp_path}/compile_cache/rank_00001.bin",
+        "eval": f"{tmp_path}/compile_cache/rank_00001.eval.bin",
+    }

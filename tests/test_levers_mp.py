@@ -21,7 +21,8 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path, monkeypatch):
     """model.compile with tp=2: the compiled graphs include AutoTP's sharded linears and their
     all-reduce; the losses must equal the single-process eager reference (rtol 2e-6). The run
     fails in its step-20 save and is resumed from step 10 on a fresh Inductor cache (a new node):
-    every graph comes from the compile artifacts the first run saved, and the losses still match."""
+    every graph, training's and evaluation's, comes from the compile artifacts the first run saved,
+    and the losses still match."""
     cache = tmp_path / "cache"
     ov = {**base_overrides(cache, tmp_path / "runs"), **layout(2, 1), "model.compile": True}
     ov.update({"run.name": "compiled", "checkpoint.export_hf": False})
@@ -37,7 +38,11 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path, monkeypatch):
     )  # engaged, not just configured
     assert "compile cache: none saved yet for this rank" in first.stdout
     saved = sorted(p.name for p in (tmp_path / "runs" / "compiled" / "compile_cache").iterdir())
-    assert saved == ["rank_00000.bin", "rank_00001.bin"]
+    # The training graphs after the first step; the evaluation's (step 20, before the failing save)
+    # after the first evaluation.
+    assert saved == ["rank_00000.bin", "rank_00000.eval.bin", "rank_00001.bin", "rank_00001.eval.bin"]
+    compiled = re.search(r"first evaluation of this worker: .*Inductor (\d+) of (\d+)", first.stdout)
+    assert compiled and int(compiled[2]) > 0, first.stdout[-3000:]  # evaluation compiles graphs of its own
 
     monkeypatch.delenv(faults.FAIL_ENV)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-node-b"))
@@ -49,6 +54,11 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path, monkeypatch):
     # GPU at tp1 it was 2 of 2, docs/performance.md.)
     hits = re.search(r"from the cache: AOTAutograd (\d+) of (\d+), Inductor (\d+) of (\d+)", second.stdout)
     assert hits and hits[1] == hits[2] and hits[3] == hits[4] != "0", second.stdout[-3000:]
+    evals = re.search(
+        r"first evaluation of this worker: .*AOTAutograd (\d+) of (\d+), Inductor (\d+) of (\d+)",
+        second.stdout,
+    )
+    assert evals and evals[1] == evals[2] and evals[3] == evals[4] == compiled[2], second.stdout[-3000:]
 
     got = [m["loss"] for m in read_metrics(tmp_path / "runs" / "compiled" / "metrics.jsonl")]
     ref_ov = {**base_overrides(cache, tmp_path / "ref"), **layout(1, 1)}
