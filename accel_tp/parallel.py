@@ -23,6 +23,7 @@ __all__ = [
     "make_deepspeed_plugin",
     "global_batch_size",
     "without_hf_zero3_init",
+    "keep_clipping_grad_norm",
 ]
 
 
@@ -204,3 +205,28 @@ def without_hf_zero3_init() -> Iterator[None]:
     finally:
         if published is not None:
             hf_ds.set_hf_deepspeed_config(published)
+
+
+def keep_clipping_grad_norm(engine: Any) -> bool:
+    """Make `engine.get_global_grad_norm()` report the norm DeepSpeed clips with where it discards it.
+
+    Without ZeRO and in fp32, DeepSpeed clips in `clip_fp32_gradients` with
+    `runtime.utils.clip_grad_norm_` (TP-aware through `engine.mpu`, averaged over DP) and drops the
+    norm it returns (deepspeed 0.19.8 runtime/engine.py:3503), so `get_global_grad_norm()` stays None.
+    The same call, with its result kept where `get_global_grad_norm` reads it: one computation, the
+    one that clipped. Returns whether it applied (stage 0, fp32, clipping on); without clipping
+    DeepSpeed computes no norm at all and none is reported.
+    """
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return False
+    if not engine.gradient_clipping() > 0.0:
+        return False
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+        )
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+    return True

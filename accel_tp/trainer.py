@@ -38,6 +38,7 @@ from .parallel import (
     build_deepspeed_config,
     check_tp_heads,
     global_batch_size,
+    keep_clipping_grad_norm,
     make_deepspeed_plugin,
     resolve_precision,
     without_hf_zero3_init,
@@ -236,6 +237,7 @@ def build_model_and_optimizer(
         fused=tr.fused_optimizer,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    keep_clipping_grad_norm(model)  # ZeRO-0 fp32: DeepSpeed would log no gradient norm
     levers += apply_after_sharding(model.module, cfg)
     if levers and accelerator.is_main_process:
         print(f"[accel-tp] speed levers: {'; '.join(levers)}", flush=True)
