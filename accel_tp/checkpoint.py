@@ -249,13 +249,15 @@ def universal_cache_for(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + UNIVERSAL_SUFFIX)
 
 
-def convert_to_universal(src: str | os.PathLike, dest: str | os.PathLike) -> float:
+def convert_to_universal(src: str | os.PathLike, dest: str | os.PathLike, private_tmp: bool = False) -> float:
     """Convert the accel-tp checkpoint `src` into a universal one at `dest` (seconds taken; 0 if
     `dest` already exists). Written under a temporary name and renamed when complete; `src` is only
     read. `dest` holds what Accelerate's load_state reads: the universal `pytorch_model/` tree
     (per-parameter fp32 / exp_avg / exp_avg_sq / step, plus the mp_rank model-state files) and
     copies of the checkpoint's top-level files (custom_checkpoint_*.pkl, random_states_*.pkl, the
-    run config). The converter's own output goes to `<dest>/convert.log`."""
+    run config). The converter's own output goes to `<dest>/convert.log`. `private_tmp`: several
+    processes may convert into `dest` at once (node-local space shared by several raylets on one
+    host); each then writes under its own temporary name and the first complete rename wins."""
     import argparse
 
     src, dest = Path(src), Path(dest)
@@ -264,9 +266,9 @@ def convert_to_universal(src: str | os.PathLike, dest: str | os.PathLike) -> flo
     from deepspeed.checkpoint import ds_to_universal
 
     t0 = time.perf_counter()
-    # A private temporary name: processes sharing a /tmp (several raylets on one host) may convert
-    # the same checkpoint at once; the first complete rename wins.
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    # Otherwise one fixed name, so the next conversion replaces what an interrupted one left (beside
+    # the checkpoints, where only the main process converts).
+    tmp = dest.with_name(f".tmp-{dest.name}" + (f"-{os.getpid()}" if private_tmp else ""))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in src.iterdir():
@@ -332,7 +334,7 @@ def _load(
     error = None
     if converter:
         try:
-            convert_to_universal(path, cache)
+            convert_to_universal(path, cache, private_tmp=node_local)
         except Exception as e:  # noqa: BLE001 - every rank must pass the barrier, then fail together
             error = e
     accelerator.wait_for_everyone()
@@ -558,7 +560,8 @@ class RayCheckpointer:
             return self.state.step
         # Remote storage: one download per node, shared by its workers; a resharding conversion
         # goes to node-local temporary space too. Both are named after the checkpoint's storage
-        # path and removed once every worker has loaded.
+        # path, which only this run reads (it resumes from its own checkpoints only), and removed
+        # once every worker has loaded.
         key = hashlib.sha256(str(ckpt.path).encode()).hexdigest()[:16]
         # Under the checkpoint's own name (step_N), which the resharding line prints.
         folder = Path(tempfile.gettempdir()) / f"accel-tp-download-{key}" / Path(ckpt.path).name

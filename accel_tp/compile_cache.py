@@ -16,8 +16,9 @@ both are read before the first step. Each once per process, into its own file: t
 appends each save to the last, and `load_cache_artifacts` reads the appended lists into a dict by
 artifact type, so a file saved twice loads only the newest list of each type (measured: a file
 saved after the first step and again after an evaluation gave 0 of 4 training hits). The eval
-file therefore holds the training lists too but loads only the evaluation's; with the training
-file beside it, every graph is found. The run folder may be local or an object-store URI.
+file therefore holds the training lists too, but loads the lists recorded after the first step
+(and the training list of a type nothing new was recorded for); with the training file beside it,
+every graph is found (some entries are then loaded, and counted, twice: harmless). The run folder may be local or an object-store URI.
 
 Measured on one H100 (docs/performance.md, 2026-12-05): Qwen2.5-0.5B, first step 36.9 s compiling
 from an empty Inductor cache, 5.8 s on an empty Inductor cache with this file (every graph a hit).
@@ -66,13 +67,12 @@ class CompileCache:
                 (info.inductor_artifacts, info.aot_autograd_artifacts, info.autotune_artifacts)
             ):
                 counts[i] += len(n)
-        if bad:
-            return f"compile cache: {', '.join(bad)} unreadable (compiling; replaced after the first step or evaluation)"
+        note = f"; {', '.join(bad)} unreadable (replaced after the first step or evaluation)" if bad else ""
         if not size:
-            return "compile cache: none saved yet for this rank (compiling)"
+            return f"compile cache: none loaded for this rank (compiling){note}"
         return (
             f"compile cache: loaded {counts[0]} Inductor, {counts[1]} AOTAutograd and {counts[2]} "
-            f"autotuning entries ({size / 2**20:.1f} MiB)"
+            f"autotuning entries ({size / 2**20:.1f} MiB){note}"
         )
 
     def save(self, phase: str = "train") -> int | None:

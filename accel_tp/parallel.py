@@ -219,6 +219,8 @@ def keep_clipping_grad_norm(engine: Any) -> bool:
     """
     if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
         return False
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        return False  # torch autocast (deepspeed.overrides): an inf norm is a step GradScaler skips
     if not engine.gradient_clipping() > 0.0:
         return False
     from deepspeed.runtime.utils import clip_grad_norm_

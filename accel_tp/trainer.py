@@ -574,7 +574,11 @@ def _first_eval_done(rt: Runtime, before: tuple[int, ...]) -> tuple[int, ...]:
     counts = _graph_counts()
     if rt.accelerator.is_main_process:
         note = f"; compile cache saved ({saved / 2**20:.1f} MiB)" if saved else ""
-        print(f"[accel-tp] first evaluation of this worker: {_hits_text(counts, before)}{note}", flush=True)
+        # Since the first step: the evaluation's graphs, and any training graph compiled in between.
+        print(
+            f"[accel-tp] first evaluation of this worker done; since the first step {_hits_text(counts, before)}{note}",
+            flush=True,
+        )
     return counts
 
 

@@ -13,10 +13,13 @@ def test_one_file_per_rank_under_the_run_folder(tmp_path):
 
 def test_a_missing_or_damaged_file_means_compiling(tmp_path):
     cache = CompileCache(tmp_path, 0)
-    assert "none saved yet" in cache.load()
+    assert "none loaded for this rank (compiling)" in cache.load()
     (tmp_path / "compile_cache").mkdir()
     (tmp_path / "compile_cache" / "rank_00000.bin").write_bytes(b"not torch's format")
-    assert "rank_00000.bin unreadable (compiling" in cache.load()
+    assert (
+        "none loaded for this rank (compiling); " in (msg := cache.load())
+        and "rank_00000.bin unreadable" in msg
+    )
 
 
 def test_training_and_evaluation_artifacts_have_files_of_their_own(tmp_path):

@@ -36,12 +36,12 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path, monkeypatch):
     assert (
         "[accel-tp] speed levers: compiled 4 decoder layers" in first.stdout
     )  # engaged, not just configured
-    assert "compile cache: none saved yet for this rank" in first.stdout
+    assert "compile cache: none loaded for this rank" in first.stdout
     saved = sorted(p.name for p in (tmp_path / "runs" / "compiled" / "compile_cache").iterdir())
     # The training graphs after the first step; the evaluation's (step 20, before the failing save)
     # after the first evaluation.
     assert saved == ["rank_00000.bin", "rank_00000.eval.bin", "rank_00001.bin", "rank_00001.eval.bin"]
-    compiled = re.search(r"first evaluation of this worker: .*Inductor (\d+) of (\d+)", first.stdout)
+    compiled = re.search(r"first evaluation of this worker done; .*Inductor (\d+) of (\d+)", first.stdout)
     assert compiled and int(compiled[2]) > 0, first.stdout[-3000:]  # evaluation compiles graphs of its own
 
     monkeypatch.delenv(faults.FAIL_ENV)
@@ -55,7 +55,7 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path, monkeypatch):
     hits = re.search(r"from the cache: AOTAutograd (\d+) of (\d+), Inductor (\d+) of (\d+)", second.stdout)
     assert hits and hits[1] == hits[2] and hits[3] == hits[4] != "0", second.stdout[-3000:]
     evals = re.search(
-        r"first evaluation of this worker: .*AOTAutograd (\d+) of (\d+), Inductor (\d+) of (\d+)",
+        r"first evaluation of this worker done; .*AOTAutograd (\d+) of (\d+), Inductor (\d+) of (\d+)",
         second.stdout,
     )
     assert evals and evals[1] == evals[2] and evals[3] == evals[4] == compiled[2], second.stdout[-3000:]
