@@ -18,7 +18,8 @@ artifact type, so a file saved twice loads only the newest list of each type (me
 saved after the first step and again after an evaluation gave 0 of 4 training hits). The eval
 file therefore holds the training lists too, but loads the lists recorded after the first step
 (and the training list of a type nothing new was recorded for); with the training file beside it,
-every graph is found (some entries are then loaded, and counted, twice: harmless). The run folder may be local or an object-store URI.
+every graph is found (some entries are then loaded, and counted, twice: harmless). The run folder
+may be local or an object-store URI.
 
 Measured on one H100 (docs/performance.md, 2026-12-05): Qwen2.5-0.5B, first step 36.9 s compiling
 from an empty Inductor cache, 5.8 s on an empty Inductor cache with this file (every graph a hit).
@@ -46,7 +47,6 @@ class CompileCache:
     def __init__(self, run_folder: str | os.PathLike, rank: int) -> None:
         base = join(str(run_folder), COMPILE_CACHE_DIR, f"rank_{rank:05d}")
         self.locations = {"train": f"{base}.bin", "eval": f"{base}.eval.bin"}
-        self.location = self.locations["train"]
         self._saved: set[str] = set()
 
     def load(self) -> str:

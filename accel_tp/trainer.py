@@ -448,9 +448,8 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     rt.model.train()
     metrics: dict[str, Any] = {}
     t_last = time.perf_counter()
-    # Compiled-graph cache counters after the first step and the first evaluation.
-    graphs_before_eval: tuple[int, ...] = (0, 0, 0, 0)
-    graphs_at_first_eval: tuple[int, ...] | None = None
+    graphs_at_first_step: tuple[int, ...] = (0, 0, 0, 0)  # compiled-graph counters (_graph_counts)
+    evaluated = False
     for step in range(start, rt.total_steps):
         epoch, micro_batches = next(groups)
         lr = rt.scheduler.get_last_lr()[0]  # the rate this step trains with
@@ -461,7 +460,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         state.samples += gbs
         state.tokens += int(stats["tokens"])
         if step == start:
-            graphs_before_eval = _first_step_done(rt, dt)
+            graphs_at_first_step = _first_step_done(rt, dt)
         metrics = {
             "step": state.step,
             "epoch": epoch,
@@ -495,8 +494,9 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
         ev = cfg.train.eval_every
         if rt.eval_data is not None and (last or (ev and state.step % ev == 0)):
             metrics.update(evaluate(rt))
-            if graphs_at_first_eval is None:
-                graphs_at_first_eval = _first_eval_done(rt, graphs_before_eval)
+            if not evaluated:
+                _first_eval_done(rt, graphs_at_first_step)
+                evaluated = True
         save = (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or (
             last and cfg.checkpoint.at_end
         )
@@ -566,10 +566,10 @@ def _first_step_done(rt: Runtime, seconds: float) -> tuple[int, ...]:
     return counts
 
 
-def _first_eval_done(rt: Runtime, before: tuple[int, ...]) -> tuple[int, ...]:
+def _first_eval_done(rt: Runtime, before: tuple[int, ...]) -> None:
     """After this process's first evaluation: its graphs' cache hits, and their artifacts saved."""
     if not rt.cfg.model.compile:
-        return before
+        return
     saved = rt.compile_cache.save("eval") if rt.compile_cache is not None else None
     counts = _graph_counts()
     if rt.accelerator.is_main_process:
@@ -579,7 +579,6 @@ def _first_eval_done(rt: Runtime, before: tuple[int, ...]) -> tuple[int, ...]:
             f"[accel-tp] first evaluation of this worker done; since the first step {_hits_text(counts, before)}{note}",
             flush=True,
         )
-    return counts
 
 
 def _finish(

@@ -7,8 +7,11 @@ from accel_tp.compile_cache import CompileCache
 
 
 def test_one_file_per_rank_under_the_run_folder(tmp_path):
-    assert CompileCache(tmp_path, 3).location == f"{tmp_path}/compile_cache/rank_00003.bin"
-    assert CompileCache("s3://bkt/runs/exp/", 0).location == "s3://bkt/runs/exp/compile_cache/rank_00000.bin"
+    assert CompileCache(tmp_path, 3).locations["train"] == f"{tmp_path}/compile_cache/rank_00003.bin"
+    assert (
+        CompileCache("s3://bkt/runs/exp/", 0).locations["train"]
+        == "s3://bkt/runs/exp/compile_cache/rank_00000.bin"
+    )
 
 
 def test_a_missing_or_damaged_file_means_compiling(tmp_path):
