@@ -1,0 +1,42 @@
+#!/bin/bash
+# Issue #19 device calls of 2026-12-06 (asked for an H200 with needs_h200), run from the repo root on the
+# device machine after
+#   bash .devkit/install.sh && export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0
+# as `bash docs/bench/2026-12-06_device_calls.sh <call>`; JSON and logs go to $OUT.
+set -u
+Y=accelerate_configs/qwen2.5-0.5b_tp1_gpu.yaml
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+stamp() { echo "   $(($(date +%s) - $1)) s"; }
+bench() { # name timeout args...
+  local name=$1 limit=$2; shift 2
+  echo "== $name"; local t=$(date +%s)
+  timeout "$limit" python scripts/bench.py --config $Y --corpus wikitext-like --json "$OUT/$name.json" "$@" 2>&1 |
+    grep -v '^JSON' | grep -v -i "warn" | tail -30
+  stamp $t
+}
+
+mfu() { # call 1: 1.5B seq 4096 at mb 8 vs mb 4, whole-stack compile; 0.5B seq 2048 mb 24 stack vs layers
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  bench mfu_15b_4096 400 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 32768 --no-reference \
+    --variant 'stack:env:ACCEL_TP_COMPILE_SCOPE=stack' --variant 'mb4:train.micro_batch_size=4' \
+    --variant 'accel2:env:ACCEL_TP_BENCH_REPEAT=1' --steps 6 --warmup 2 --timeout 150
+  bench mfu_05b_2048_stack 170 --shapes qwen2.5-0.5b --seq 2048 --micro-batch-tokens 49152 --no-reference \
+    --variant 'stack:env:ACCEL_TP_COMPILE_SCOPE=stack' --steps 8 --warmup 3 --timeout 120
+}
+
+long() { # call 2: float8 layer micro-benchmark; 1.5B long context on the H200's memory
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  echo "== float8 layers"; local t=$(date +%s)
+  timeout 150 python docs/bench/2026-12-06_float8_layers.py --json "$OUT/float8_layers.json" 2>&1 |
+    grep -v -i "warn" | tail -12
+  stamp $t
+  bench long_15b_8192 230 --shapes qwen2.5-1.5b --seq 8192 --micro-batch-tokens 65536 --no-reference \
+    --no-accel --variant 'ac0:model.activation_checkpointing=false' \
+    --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 110
+  bench long_15b_32768 170 --shapes qwen2.5-1.5b --seq 32768 --micro-batch-tokens 65536 --no-reference \
+    --no-accel --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 150
+}
+
+"$@"
