@@ -17,13 +17,27 @@ bench() { # name timeout args...
   stamp $t
 }
 
-mfu() { # call 1: 1.5B seq 4096 at mb 8 vs mb 4, whole-stack compile; 0.5B seq 2048 mb 24 stack vs layers
+mfu() { # call 1: one host sync per step (vs the old two before the backward), mb 8 at 1.5B, whole-stack compile
   nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
-  bench mfu_15b_4096 400 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 32768 --no-reference \
-    --variant 'stack:env:ACCEL_TP_COMPILE_SCOPE=stack' --variant 'mb4:train.micro_batch_size=4' \
-    --variant 'accel2:env:ACCEL_TP_BENCH_REPEAT=1' --steps 6 --warmup 2 --timeout 150
-  bench mfu_05b_2048_stack 170 --shapes qwen2.5-0.5b --seq 2048 --micro-batch-tokens 49152 --no-reference \
-    --variant 'stack:env:ACCEL_TP_COMPILE_SCOPE=stack' --steps 8 --warmup 3 --timeout 120
+  bench mfu_15b_4096 300 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 32768 --no-reference \
+    --variant 'eager:env:ACCEL_TP_EAGER_SYNC=1' --variant 'mb4:train.micro_batch_size=4' \
+    --steps 6 --warmup 2 --timeout 120
+  bench mfu_05b_2048 280 --shapes qwen2.5-0.5b --seq 2048 --micro-batch-tokens 49152 --no-reference \
+    --variant 'eager:env:ACCEL_TP_EAGER_SYNC=1' --variant 'stack:env:ACCEL_TP_COMPILE_SCOPE=stack' \
+    --variant 'eager2:env:ACCEL_TP_EAGER_SYNC=1' --variant 'accel2:env:ACCEL_TP_BENCH_REPEAT=1' \
+    --steps 8 --warmup 3 --timeout 110
+}
+
+levers_h100() { # call 1 (no H200 came): float8 layers; 0.5B mb 24 sync A/B/A/B and whole-stack compile
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  echo "== float8 layers"; local t=$(date +%s)
+  timeout 170 python docs/bench/2026-12-06_float8_layers.py --json "$OUT/float8_layers.json" 2>&1 |
+    grep -v -i "warn" | tail -12
+  stamp $t
+  bench h100_05b_2048 380 --shapes qwen2.5-0.5b --seq 2048 --micro-batch-tokens 49152 --no-reference \
+    --variant 'eager:env:ACCEL_TP_EAGER_SYNC=1' --variant 'stack:env:ACCEL_TP_COMPILE_SCOPE=stack' \
+    --variant 'eager2:env:ACCEL_TP_EAGER_SYNC=1' --variant 'accel2:env:ACCEL_TP_BENCH_REPEAT=1' \
+    --steps 8 --warmup 3 --timeout 120
 }
 
 long() { # call 2: float8 layer micro-benchmark; 1.5B long context on the H200's memory
