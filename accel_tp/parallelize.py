@@ -33,8 +33,6 @@ __all__ = [
     "document_block_mask",
     "FUSED_LOSS_CHUNK_MEM",
     "DOCUMENT_BLOCK_MASK_ENV",
-    "COMPILE_SCOPE_ENV",
-    "compile_decoder_stack",
 ]
 
 
@@ -203,25 +201,9 @@ def apply_after_sharding(module: Any, cfg: Config) -> list[str]:
     """Fix-ups and levers on the sharded module (the engine's `.module`); returns the levers applied."""
     tp = cfg.parallelism.tp_size
     localize_attention(module, partition_for(cfg.model, tp), tp)  # before compile traces the forward
-    if cfg.model.compile and os.environ.get(COMPILE_SCOPE_ENV) == "stack":
-        return [compile_decoder_stack(module)]
     if cfg.model.compile:
         return [f"compiled {compile_decoder_layers(module)} decoder layers"]
     return []
-
-
-# Measurement seam, off by default (docs/performance.md, 2026-12-06): "stack" compiles the whole
-# base model (embedding, mask, rotary, every decoder layer, final norm) as one torch.compile region
-# instead of each decoder layer on its own; issue #19 asks whether that is faster.
-COMPILE_SCOPE_ENV = "ACCEL_TP_COMPILE_SCOPE"
-
-
-def compile_decoder_stack(model: Any) -> str:
-    """torch.compile the base model (the decoder stack) in place; the loss stays eager."""
-    decoder_layers(model)  # the same layout check and error as per-layer compile
-    base = getattr(model, model.base_model_prefix)
-    base.compile()
-    return f"compiled the decoder stack ({type(base).__name__})"
 
 
 # Liger's fused loss works through the tokens in chunks of about

@@ -351,64 +351,43 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 
 
 def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
-    """One optimizer step over `grad_accum_steps` micro-batches; returns the global-batch stats.
-
-    One host sync per step, after the optimizer step: the token counts, the loss and the gradient
-    norm stay on the device until then, so the host queues the backward and DeepSpeed's step while
-    the GPU still runs the forward (a sync before the backward left the GPU idle while the host
-    started it: docs/performance.md, 2026-12-06). A non-finite loss or gradient norm therefore
-    stops the run after that step's update, which exists only in memory: nothing is saved after
-    the last finite step.
-    """
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the global-batch stats."""
     acc, model, topo = rt.accelerator, rt.model, rt.topo
     device = acc.device
     ga = len(micro_batches)
-    counts = torch.tensor(
-        [
-            sum(float(mb[k]) for mb in micro_batches)
-            for k in ("_label_tokens", "_real_tokens", "_attn_context")
-        ],
-        dtype=torch.float64,
-        pin_memory=device.type == "cuda",  # a pageable copy would wait for the GPU's queue
-    ).to(device, non_blocking=True)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    if os.environ.get(_EAGER_SYNC_ENV) == "1":
-        counts.tolist()  # measurement seam: the sync the step used to have here
     # Every TP peer holds the same batch, so world-wide sums count each DP batch tp_size times.
-    label_tokens = counts[0] / topo.tp_size
+    local = [
+        sum(float(mb[k]) for mb in micro_batches) for k in ("_label_tokens", "_real_tokens", "_attn_context")
+    ]
+    label_tokens, real_tokens, attn_context = (v / topo.tp_size for v in _all_reduce(local, device))
     # HF's loss is sum(token losses) / num_items_in_batch. DeepSpeed then divides by ga (micro-steps)
     # and averages over the dp ranks, so this divisor makes the gradient exactly that of
     # sum(all token losses of the global batch) / label_tokens.
     items = label_tokens / (topo.dp_size * ga)
-    num_items = items.float()
+    num_items = torch.tensor(items, dtype=torch.float32, device=device)
+    # Summed on the device: one host sync per step (at the last micro-batch), not one per micro-batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, mb in enumerate(micro_batches):
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items() if not k.startswith("_")}
         with acc.accumulate(model):
             out = model(**mb, num_items_in_batch=num_items, use_cache=False)
             loss_sum += out.loss.detach().double() * items
-            if i == ga - 1 and os.environ.get(_EAGER_SYNC_ENV) == "1":
-                loss_sum.item()  # measurement seam: the sync the step used to have here
+            if i == ga - 1:
+                # Check before the last backward, i.e. before the optimizer step touches weights.
+                if dist.is_initialized():
+                    dist.all_reduce(loss_sum)
+                loss = loss_sum.item() / topo.tp_size / label_tokens
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"step {step + 1}: loss is {loss}, not finite; stopping before the optimizer step "
+                        "(weights and checkpoints are unchanged). Lower train.learning_rate or check the data."
+                    )
             acc.backward(out.loss)
             rt.optimizer.step()
             rt.optimizer.zero_grad()
     rt.scheduler.step()
-    if dist.is_initialized():
-        dist.all_reduce(loss_sum)
     norm = model.get_global_grad_norm()  # None where DeepSpeed did not compute one
-    norm_t = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float64, device=device)
-    # The step's one host sync.
-    loss_total, label_total, real_total, context_total, grad_norm = torch.stack(
-        [loss_sum, counts[0], counts[1], counts[2], norm_t.reshape(())]
-    ).tolist()
-    label_tokens_f = label_total / topo.tp_size
-    loss = loss_total / topo.tp_size / label_tokens_f
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"step {step + 1}: loss is {loss}, not finite; stopping (nothing is saved after step {step}). "
-            "Lower train.learning_rate or check the data."
-        )
+    grad_norm = float(norm) if norm is not None else float("nan")
     # Under fp16 an overflow is routine (the loss scaler skips the step); under bf16 / fp32 it means
     # the run has diverged, so stop rather than train on.
     if norm is not None and rt.precision != "fp16" and not math.isfinite(grad_norm):
@@ -416,20 +395,13 @@ def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: 
             f"step {step + 1}: gradient norm is {grad_norm}, not finite; stopping (the last checkpoint "
             "precedes this step). Lower train.learning_rate or keep deepspeed.gradient_clipping on."
         )
-    real_tokens = real_total / topo.tp_size
     return {
         "loss": loss,
         "grad_norm": grad_norm,
         "tokens": real_tokens,
-        "label_tokens": label_tokens_f,
-        # mean positions a token attends over
-        "attn_context": context_total / topo.tp_size / max(real_tokens, 1.0),
+        "label_tokens": label_tokens,
+        "attn_context": attn_context / max(real_tokens, 1.0),  # mean positions a token attends over
     }
-
-
-# Measurement seam (docs/performance.md, 2026-12-06): "1" adds back the two host syncs train_step
-# used to make before its backward, for an A/B on a GPU.
-_EAGER_SYNC_ENV = "ACCEL_TP_EAGER_SYNC"
 
 
 def _micro_batch_groups(stream: Iterator[tuple[int, dict]], ga: int) -> Iterator[tuple[int, list[dict]]]:

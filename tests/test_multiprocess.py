@@ -440,8 +440,8 @@ def test_ray_survives_a_killed_worker(runs, tmp_path, cache):
 
 
 def test_nonfinite_loss_stops_with_the_step(tmp_path, cache):
-    """A diverging run (absurd learning rate) stops with an error naming the step and saves nothing
-    after the last finite one (the check runs after the step's update, at its one host sync)."""
+    """A diverging run (absurd learning rate) stops with an error naming the step, before that
+    step's optimizer update, and saves nothing after it."""
     ov = {
         **base_overrides(cache, tmp_path),
         **layout(1, 1),

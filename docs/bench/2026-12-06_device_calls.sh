@@ -3,6 +3,8 @@
 # device machine after
 #   bash .devkit/install.sh && export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0
 # as `bash docs/bench/2026-12-06_device_calls.sh <call>`; JSON and logs go to $OUT.
+# The seams ACCEL_TP_EAGER_SYNC and ACCEL_TP_COMPILE_SCOPE exist at commit 2e9dc04 (the tree that ran
+# `levers_h100`); both levers measured no gain and were removed after it (docs/performance.md).
 set -u
 Y=accelerate_configs/qwen2.5-0.5b_tp1_gpu.yaml
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -51,6 +53,16 @@ long() { # call 2: float8 layer micro-benchmark; 1.5B long context on the H200's
     --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 110
   bench long_15b_32768 170 --shapes qwen2.5-1.5b --seq 32768 --micro-batch-tokens 65536 --no-reference \
     --no-accel --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 150
+}
+
+target15() { # call 2: the 1.5B target only, mb 8 vs mb 4 (what the last budget allowed)
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  bench mfu_15b_4096 300 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 32768 --no-reference \
+    --variant 'mb4:train.micro_batch_size=4' --steps 6 --warmup 2 --timeout 140
+}
+
+auto() { # whichever card came: the H200's targets, or the levers on an H100
+  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then mfu; else levers_h100; fi
 }
 
 "$@"
