@@ -19,35 +19,24 @@ bench() { # name timeout args...
   stamp $t
 }
 
-mfu() { # call 1: one host sync per step (vs the old two before the backward), mb 8 at 1.5B, whole-stack compile
-  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
-  bench mfu_15b_4096 300 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 32768 --no-reference \
-    --variant 'eager:env:ACCEL_TP_EAGER_SYNC=1' --variant 'mb4:train.micro_batch_size=4' \
-    --steps 6 --warmup 2 --timeout 120
-  bench mfu_05b_2048 280 --shapes qwen2.5-0.5b --seq 2048 --micro-batch-tokens 49152 --no-reference \
-    --variant 'eager:env:ACCEL_TP_EAGER_SYNC=1' --variant 'stack:env:ACCEL_TP_COMPILE_SCOPE=stack' \
-    --variant 'eager2:env:ACCEL_TP_EAGER_SYNC=1' --variant 'accel2:env:ACCEL_TP_BENCH_REPEAT=1' \
-    --steps 8 --warmup 3 --timeout 110
-}
-
-levers_h100() { # call 1 (no H200 came): float8 layers; 0.5B mb 24 sync A/B/A/B and whole-stack compile
-  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+float8() { # one compiled decoder layer, bf16 vs torchao float8 (tensorwise, rowwise)
   echo "== float8 layers"; local t=$(date +%s)
   timeout 170 python docs/bench/2026-12-06_float8_layers.py --json "$OUT/float8_layers.json" 2>&1 |
     grep -v -i "warn" | tail -12
   stamp $t
+}
+
+levers_h100() { # the call that ran (an H100, at 2e9dc04): float8 layers; 0.5B mb 24 sync A/B/A/B, whole-stack compile
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  float8
   bench h100_05b_2048 380 --shapes qwen2.5-0.5b --seq 2048 --micro-batch-tokens 49152 --no-reference \
     --variant 'eager:env:ACCEL_TP_EAGER_SYNC=1' --variant 'stack:env:ACCEL_TP_COMPILE_SCOPE=stack' \
     --variant 'eager2:env:ACCEL_TP_EAGER_SYNC=1' --variant 'accel2:env:ACCEL_TP_BENCH_REPEAT=1' \
     --steps 8 --warmup 3 --timeout 120
 }
 
-long() { # call 2: float8 layer micro-benchmark; 1.5B long context on the H200's memory
+long() { # not run (no H200 came): 1.5B long context on the H200's memory
   nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
-  echo "== float8 layers"; local t=$(date +%s)
-  timeout 150 python docs/bench/2026-12-06_float8_layers.py --json "$OUT/float8_layers.json" 2>&1 |
-    grep -v -i "warn" | tail -12
-  stamp $t
   bench long_15b_8192 230 --shapes qwen2.5-1.5b --seq 8192 --micro-batch-tokens 65536 --no-reference \
     --no-accel --variant 'ac0:model.activation_checkpointing=false' \
     --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 110
@@ -55,14 +44,10 @@ long() { # call 2: float8 layer micro-benchmark; 1.5B long context on the H200's
     --no-accel --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 150
 }
 
-target15() { # call 2: the 1.5B target only, mb 8 (what the last budget allowed)
+target15() { # not run (no H200 came): the 1.5B target, mb 8
   nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
   bench mfu_15b_4096 170 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 32768 --no-reference \
     --steps 6 --warmup 2 --timeout 150
-}
-
-auto() { # whichever card came: the H200's targets, or the levers on an H100
-  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then mfu; else levers_h100; fi
 }
 
 "$@"
