@@ -50,4 +50,19 @@ target15() { # not run (no H200 came): the 1.5B target, mb 8
     --steps 6 --warmup 2 --timeout 150
 }
 
+h200a() { # later session of 12-06: the 1.5B target (mb 8) and 1.5B seq 8192 with 8 of 28 layers checkpointed
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  target15
+  bench long_15b_8192_ac8 190 --shapes qwen2.5-1.5b --seq 8192 --micro-batch-tokens 65536 --no-reference \
+    --no-accel --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 170
+}
+
+h200b() { # 1.5B seq 32768 (64k-token micro-batches, 8 layers checkpointed); 0.5B mb 48 vs reference again
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  bench long_15b_32768_ac8 200 --shapes qwen2.5-1.5b --seq 32768 --micro-batch-tokens 65536 --no-reference \
+    --no-accel --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 180
+  bench mfu_05b_2048_mb48 300 --shapes qwen2.5-0.5b --seq 2048 --micro-batch-tokens 98304 \
+    --reference-micro-batch-tokens 16384 --steps 8 --warmup 3 --timeout 140
+}
+
 "$@"
