@@ -50,19 +50,35 @@ target15() { # not run (no H200 came): the 1.5B target, mb 8
     --steps 6 --warmup 2 --timeout 150
 }
 
-h200a() { # later session of 12-06: the 1.5B target (mb 8) and 1.5B seq 8192 with 8 of 28 layers checkpointed
+h200a() { # later session of 12-06: the 1.5B target (mb 8) and its profile
   nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
   target15
-  bench long_15b_8192_ac8 190 --shapes qwen2.5-1.5b --seq 8192 --micro-batch-tokens 65536 --no-reference \
-    --no-accel --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 170
+  prof15
 }
 
-h200b() { # 1.5B seq 32768 (64k-token micro-batches, 8 layers checkpointed); 0.5B mb 48 vs reference again
+h200b() { # 1.5B long context, 64k-token micro-batches, 8 of 28 layers checkpointed
   nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  bench long_15b_8192_ac8 190 --shapes qwen2.5-1.5b --seq 8192 --micro-batch-tokens 65536 --no-reference \
+    --no-accel --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 170
   bench long_15b_32768_ac8 200 --shapes qwen2.5-1.5b --seq 32768 --micro-batch-tokens 65536 --no-reference \
     --no-accel --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 180
+}
+
+h200c() { # 0.5B mb 48 vs the reference at the same global batch, again (12-02 was one run)
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
   bench mfu_05b_2048_mb48 300 --shapes qwen2.5-0.5b --seq 2048 --micro-batch-tokens 98304 \
     --reference-micro-batch-tokens 16384 --steps 8 --warmup 3 --timeout 140
+}
+
+prof15() { # where a 1.5B seq-4096 mb-8 step's time goes (GPU busy fraction, idle gaps by host code)
+  python -c "import json;from accel_tp.corpus import wikitext_like;open('/tmp/wt.jsonl','w').write(''.join(json.dumps({'text':x})+'\\n' for x in wikitext_like(20000)))"
+  echo "== profile 1.5B seq 4096 mb 8"; local t=$(date +%s)
+  timeout 200 python scripts/profile_step.py --config $Y --set model.architecture=qwen2.5-1.5b \
+    --set model.name_or_path=null --set data.seq_length=4096 --set train.micro_batch_size=8 \
+    --set data.source=files --set 'data.files=[/tmp/wt.jsonl]' --set data.name=null --steps 2 \
+    --trace /tmp/trace15.json > "$OUT/profile_15b_4096_mb8.txt" 2>&1
+  tail -45 "$OUT/profile_15b_4096_mb8.txt"
+  stamp $t
 }
 
 "$@"
