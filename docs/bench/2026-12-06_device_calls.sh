@@ -70,14 +70,14 @@ h200c() { # 0.5B mb 48 vs the reference at the same global batch, again (12-02 w
     --reference-micro-batch-tokens 16384 --steps 8 --warmup 3 --timeout 140
 }
 
-prof15() { # where a 1.5B seq-4096 mb-8 step's time goes (GPU busy fraction, idle gaps by host code)
+prof15() { # where a 1.5B seq-4096 step (micro-batch MB, default 8)'s time goes (GPU busy fraction, idle gaps by host code)
   python -c "import json;from accel_tp.corpus import wikitext_like;open('/tmp/wt.jsonl','w').write(''.join(json.dumps({'text':x})+'\\n' for x in wikitext_like(20000)))"
-  echo "== profile 1.5B seq 4096 mb 8"; local t=$(date +%s)
+  echo "== profile 1.5B seq 4096 mb ${MB:-8}"; local t=$(date +%s)
   timeout 200 python scripts/profile_step.py --config $Y --set model.architecture=qwen2.5-1.5b \
-    --set model.name_or_path=null --set data.seq_length=4096 --set train.micro_batch_size=8 \
+    --set model.name_or_path=null --set data.seq_length=4096 --set train.micro_batch_size=${MB:-8} \
     --set data.source=files --set 'data.files=[/tmp/wt.jsonl]' --set data.name=null --steps 2 \
-    --trace /tmp/trace15.json > "$OUT/profile_15b_4096_mb8.txt" 2>&1
-  tail -45 "$OUT/profile_15b_4096_mb8.txt"
+    --trace /tmp/trace15.json > "$OUT/profile_15b_4096_mb${MB:-8}.txt" 2>&1
+  tail -45 "$OUT/profile_15b_4096_mb${MB:-8}.txt"
   stamp $t
 }
 
