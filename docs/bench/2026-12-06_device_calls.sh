@@ -44,10 +44,10 @@ long() { # not run (no H200 came): 1.5B long context on the H200's memory
     --no-accel --variant 'ac8:model.activation_checkpointing=8' --steps 3 --warmup 2 --timeout 150
 }
 
-target15() { # not run (no H200 came): the 1.5B target, mb 8
+target15() { # the 1.5B target: mb 8 (32k tokens per step), and mb 8 x ga 4 (DeepSpeed's step once per 131k tokens)
   nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
-  bench mfu_15b_4096 170 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 32768 --no-reference \
-    --steps 6 --warmup 2 --timeout 150
+  bench mfu_15b_4096 300 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 32768 --no-reference \
+    --variant 'ga4:train.grad_accum_steps=4' --steps 6 --warmup 2 --timeout 150
 }
 
 h200a() { # later session of 12-06: the 1.5B target (mb 8) and its profile
