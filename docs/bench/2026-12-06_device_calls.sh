@@ -81,4 +81,11 @@ prof15() { # where a 1.5B seq-4096 step (micro-batch MB, default 8)'s time goes 
   stamp $t
 }
 
+ga_h100() { # 1.5B seq 4096 on an H100's memory: mb 4 x ga 1 vs mb 4 x ga 4 (DeepSpeed's step once per 64k tokens), A/B/A/B
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  bench h100_15b_4096_ga 420 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 16384 --no-reference \
+    --variant 'ga4:train.grad_accum_steps=4' --variant 'accel2:env:ACCEL_TP_BENCH_REPEAT=1' \
+    --variant 'ga4b:train.grad_accum_steps=4' --steps 6 --warmup 2 --timeout 130
+}
+
 "$@"
