@@ -90,4 +90,15 @@ ga_h100() { # 1.5B seq 4096 on an H100's memory: mb 4 x ga 1 vs mb 4 x ga 4 (Dee
     --variant 'ga4b:train.grad_accum_steps=4' --steps 6 --warmup 2 --timeout 130
 }
 
+mask_h100() { # 1.5B seq 4096 mb 4 x ga 4: Transformers' masks (a host sync per micro-batch) vs accel-tp's (none)
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  # The first arm tokenizes and compiles cold: not counted. Then doc / hf / doc2 on the warm machine.
+  bench h100_15b_4096_ga4_mask 470 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 16384 --no-reference \
+    --no-accel --variant 'cold:train.grad_accum_steps=4' \
+    --variant 'doc:train.grad_accum_steps=4 env:ACCEL_TP_DOCUMENT_BLOCK_MASK=1' \
+    --variant 'hf:train.grad_accum_steps=4 env:ACCEL_TP_BENCH_REPEAT=1' \
+    --variant 'doc2:train.grad_accum_steps=4 env:ACCEL_TP_DOCUMENT_BLOCK_MASK=1 env:ACCEL_TP_BENCH_REPEAT=1' \
+    --steps 5 --warmup 2 --timeout 200
+}
+
 "$@"
