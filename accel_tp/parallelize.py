@@ -106,7 +106,8 @@ def enable_activation_checkpointing(model: Any, setting: bool | int) -> str:
 # Measurement seam, off by default (docs/performance.md, 2026-12-02): "1" makes the model take its
 # flex block masks from document_block_mask instead of Transformers' create_causal_mask. The
 # masks are identical (same losses, bit for bit) and 4x cheaper to build on the host, but the
-# step measured 7-10 % slower on an H200 with them, for a reason not yet found.
+# step measured 7-10 % slower on an H200 with them (0.5B, ga 1), for a reason not yet found, and
+# the same speed on an H100 (1.5B, ga 4; 2026-12-06).
 DOCUMENT_BLOCK_MASK_ENV = "ACCEL_TP_DOCUMENT_BLOCK_MASK"
 
 # flex attention's default sparse block (what create_block_mask and Transformers use).
