@@ -101,4 +101,10 @@ mask_h100() { # 1.5B seq 4096 mb 4 x ga 4: Transformers' masks (a host sync per 
     --steps 5 --warmup 2 --timeout 200
 }
 
+h200min() { # what the last 268 s of device time allow: only the 1.5B mb 8 x ga 4 arm (cold)
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  bench mfu_15b_4096_ga4 215 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 32768 --no-reference \
+    --no-accel --variant 'ga4:train.grad_accum_steps=4' --steps 5 --warmup 2 --timeout 200
+}
+
 "$@"
