@@ -33,21 +33,29 @@ def tp_shard_params(tp: int) -> int:
     return embed + norms + (total - embed - norms) // tp
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
-def test_bytes_per_rank_follow_the_formula(tmp_path, zero):
-    out = tmp_path / "bytes.json"
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict[str, dict]:
+    """The three stages counted in one torchrun of 4 processes (tests/workers/count_zero_bytes.py
+    --zero-stages: one engine after another in the same process group)."""
+    tmp = tmp_path_factory.mktemp("zero-bytes")
+    out = tmp / "bytes.json"
     sets = [
-        f"deepspeed.zero_stage={zero}",
         "deepspeed.precision=fp32",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        f"run.output_dir={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp / 'cache'}",
+        f"run.output_dir={tmp / 'runs'}",
         "data.eval_fraction=0",
         "train.log_with=[]",
         "train.progress_bar=false",
     ]
-    proc = torchrun(4, ROOT / "tests" / "workers" / "count_zero_bytes.py", [str(TINY), str(out), *sets])
+    script = ROOT / "tests" / "workers" / "count_zero_bytes.py"
+    proc = torchrun(4, script, ["--zero-stages", "1,2,3", str(TINY), str(out), *sets])
     assert proc.returncode == 0
-    rep = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_bytes_per_rank_follow_the_formula(reports, zero):
+    rep = reports[str(zero)]
     p, dp = tp_shard_params(2), 2
     want = {"params": 4 * p // (dp if zero == 3 else 1), "master": 4 * p // dp, "moments": 8 * p // dp}
     assert (rep["tp"], rep["dp"], rep["zero_stage"]) == (2, 2, zero)

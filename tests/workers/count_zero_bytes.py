@@ -3,9 +3,14 @@ partitions and Adam moments) after accel-tp's setup and one training step, for t
 config says; rank 0 writes the per-rank table as JSON. Run under torchrun (gloo, CPU).
 
 python -m torch.distributed.run --nproc_per_node 4 tests/workers/count_zero_bytes.py CONFIG OUT [--set ...]
+
+With `--zero-stages 1,2,3` (before CONFIG) the stages are counted one after another in the same
+processes (one launch instead of three; between them Accelerate's process-wide state is cleared
+as in tests/workers/train_families.py, the process group is kept), and OUT holds {stage: table}.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -19,9 +24,8 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def main() -> None:
-    cfg_path, out, *sets = sys.argv[1:]
-    cfg = load_config(cfg_path, [s for s in sets if s != "--set"])
+def count(cfg, last: bool) -> dict | None:
+    """One stage: set up, one step, the per-rank table (rank 0; None elsewhere)."""
     rt = setup(cfg, under_ray=False)
     stream = rt.loader.stream()
     train_step(rt, [next(stream)[1] for _ in range(cfg.train.grad_accum_steps)], 0)
@@ -40,6 +44,7 @@ def main() -> None:
     row = torch.tensor([params, master, moments], dtype=torch.float64)
     rows = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, row)
+    report = None
     if dist.get_rank() == 0:
         report = {
             "zero_stage": cfg.deepspeed.zero_stage,
@@ -48,9 +53,37 @@ def main() -> None:
             "n_params": rt.n_params,
             "ranks": [dict(zip(("params", "master", "moments"), map(int, r.tolist()))) for r in rows],
         }
+    if last:
+        rt.accelerator.end_training()  # destroys the process group: only after the last stage
+    else:
+        from accelerate.state import AcceleratorState, GradientState
+
+        dist.barrier()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return report
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    stages = None
+    if args[0] == "--zero-stages":
+        stages = [int(s) for s in args[1].split(",")]
+        args = args[2:]
+    cfg_path, out, *sets = args
+    sets = [s for s in sets if s != "--set"]
+    if stages is None:
+        report = count(load_config(cfg_path, sets), last=True)
+    else:
+        report = {
+            str(z): count(
+                load_config(cfg_path, [*sets, f"deepspeed.zero_stage={z}"]), last=i == len(stages) - 1
+            )
+            for i, z in enumerate(stages)
+        }
+    if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
             json.dump(report, f)
-    rt.accelerator.end_training()
 
 
 if __name__ == "__main__":
