@@ -12,7 +12,7 @@ from typing import Any
 from .checkpoint import check_run_folder
 from .config import Config, ConfigError, config_from_dict, elastic_worker_counts
 from .data import check_data_sources
-from .env import VERBOSE_ENV, ray_worker_env
+from .env import VERBOSE_ENV, ray_driver_env, ray_worker_env
 from .export import ray_registered
 from .model import load_tokenizer, model_config
 from .parallel import Topology, check_tp_heads
@@ -145,6 +145,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             f"checkpoint ({registered[-1].name}); pick a new run.name to start fresh.",
             flush=True,
         )
+    os.environ.update(ray_driver_env(os.environ))  # read by the controller that fit() starts
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_worker,
         train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri},

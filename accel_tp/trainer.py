@@ -492,27 +492,36 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
             )
         last = state.step == rt.total_steps
         ev = cfg.train.eval_every
+        paused = 0.0  # evaluation and checkpoint time: not counted as training time
         if rt.eval_data is not None and (last or (ev and state.step % ev == 0)):
+            t_pause = time.perf_counter()
             metrics.update(evaluate(rt))
             if not evaluated:
                 _first_eval_done(rt, graphs_at_first_step)
                 evaluated = True
+            paused += time.perf_counter() - t_pause
         save = (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or (
             last and cfg.checkpoint.at_end
         )
         log = state.step % cfg.train.log_every == 0 or last or "eval_loss" in metrics
         if log or save:
             rt.log.append(metrics)
-        if rt.sync is not None and (log or save):
-            # Before the checkpoint is reported: a resume from it then finds its metrics row upstream.
-            rt.sync.push(force=bool(save))
         if save:
+            t_pause = time.perf_counter()
+            if rt.sync is not None:
+                # Before the checkpoint is reported: a resume from it then finds its metrics row upstream.
+                rt.sync.push(force=True)
             last_ckpt = (
                 rt.checkpointer.save(state.step, metrics) or f"step_{state.step:08d} (reported to Ray)"
             )
+            paused += time.perf_counter() - t_pause
         elif log:
+            if rt.sync is not None:
+                rt.sync.push()
             _report(under_ray, metrics)
-        t_last = time.perf_counter()  # checkpoint and logging time is not step time
+        # Logging and Ray's report count (in the next step's time): a report that waits on Ray's
+        # controller slows training, and tokens/s shows it.
+        t_last += paused
     if bar is not None:
         bar.close()
     acc.wait_for_everyone()
