@@ -20,12 +20,6 @@ def _env() -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
-    # Ray Train's controller polls the workers every 2 s by default, and a worker's
-    # ray.train.report blocks until the previous report was collected: with train.log_every 1 a
-    # Ray run then takes ~2 s a step (measured: tiny tp2 x dp2, 0.35 s steps, 2.0 s apart; 20
-    # steps 38.7 s -> 6.8 s at 0.2 s). Ray Train passes the variable on to its controller and
-    # workers; it changes only how often the controller looks, not what a run computes.
-    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     return env
 
 
