@@ -107,4 +107,18 @@ h200min() { # what the last 268 s of device time allow: only the 1.5B mb 8 x ga 
     --no-accel --variant 'ga4:train.grad_accum_steps=4' --steps 5 --warmup 2 --timeout 200
 }
 
+h200d() { # session 3 of 12-06: 0.5B at global batch 96: the reference (8 x 12) vs accel-tp mb 48 x ga 2
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  bench mfu_05b_2048_gb96 330 --shapes qwen2.5-0.5b --seq 2048 --micro-batch-tokens 98304 \
+    --reference-micro-batch-tokens 16384 --set train.grad_accum_steps=2 --docs 40000 \
+    --steps 6 --warmup 3 --timeout 200
+}
+
+h200e() { # session 3 of 12-06: the 1.5B mb 8 x ga 4 arm again, twice on one machine
+  nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
+  bench mfu_15b_4096_ga4_x2 400 --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 32768 --no-reference \
+    --no-accel --variant 'ga4:train.grad_accum_steps=4' \
+    --variant 'ga4b:train.grad_accum_steps=4 env:ACCEL_TP_BENCH_REPEAT=1' --steps 5 --warmup 2 --timeout 200
+}
+
 "$@"
