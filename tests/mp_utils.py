@@ -23,8 +23,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """cmd from the repo root, with the tests' environment plus env."""
+    full_env = {**_env(), **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
     return proc

@@ -340,21 +340,29 @@ def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
     # Same YAML, same seed: Ray and accelerate launch give the same losses.
     assert losses(ray_metrics) == losses(runs(2, 2)["metrics"])
     assert_readable_output(proc.stdout + proc.stderr)
-
-    # A new run under the same name and storage resumes it (Ray's restore) from step 20.
+    # A new run under the same name and storage resumes it (Ray's restore) from step 20. It runs
+    # with Ray Train's own 2 s controller poll (accel-tp sets 0.2 s unless the user sets one).
     again = run(
         [
             sys.executable,
             str(ROOT / "scripts" / "train_ray.py"),
             "--config",
             str(TINY),
-            *set_args({**ov, "train.max_steps": 22}),
-        ]
+            *set_args({**ov, "train.max_steps": 25}),
+        ],
+        env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"},
     )
     assert again.returncode == 0
-    assert "steps=20->22" in again.stdout + again.stderr
+    assert "steps=20->25" in again.stdout + again.stderr
     assert f"run.name {ov['run.name']!r} exists" in again.stdout and "(step_00000020)" in again.stdout
-    assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 23))
+    resumed = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(1, 26))
+    # Honest step times under Ray: the wall clock between two logged steps is the later step's
+    # step_time_s, the wait on Ray's report included (with a 2 s poll a report waits up to 2 s for
+    # the previous one to be collected; before e3b314a that wait was in no step's time).
+    for prev, cur in zip(resumed[20:], resumed[21:]):
+        wall = cur["time"] - prev["time"]
+        assert abs(wall - cur["step_time_s"]) < 0.02 + 0.02 * wall, (cur["step"], wall, cur["step_time_s"])
 
 
 def test_ray_worker_side_bad_input_ends_as_one_line(tmp_path, cache):
