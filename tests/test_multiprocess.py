@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from accel_tp.config import load_config
+from accel_tp.env import RAY_POLL_ENV
 
 from .mp_utils import ROOT, TINY, accelerate_launch, read_metrics, run, set_args, torchrun
 from .reference import reference_run as run_reference
@@ -340,6 +341,7 @@ def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
     # Same YAML, same seed: Ray and accelerate launch give the same losses.
     assert losses(ray_metrics) == losses(runs(2, 2)["metrics"])
     assert_readable_output(proc.stdout + proc.stderr)
+
     # A new run under the same name and storage resumes it (Ray's restore) from step 20. It runs
     # with Ray Train's own 2 s controller poll (accel-tp sets 0.2 s unless the user sets one).
     again = run(
@@ -350,7 +352,7 @@ def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
             str(TINY),
             *set_args({**ov, "train.max_steps": 25}),
         ],
-        env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"},
+        env={RAY_POLL_ENV: "2"},
     )
     assert again.returncode == 0
     assert "steps=20->25" in again.stdout + again.stderr
