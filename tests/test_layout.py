@@ -30,8 +30,10 @@ LAYERS: list[set[str]] = [
     {"model"},
     {"parallel"},
     {"families"},
+    {"run_folder"},
     {"corpus", "storage", "chat"},
     {"config", "env"},
+    {"errors"},
 ]
 
 
