@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "RunSection",
@@ -41,10 +43,6 @@ __all__ = [
 # Named architectures that are built with random init (no download). "tiny" is for tests and the
 # embedded default; the Qwen shapes are for benchmarks.
 ARCHITECTURES = ("tiny", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2-7b")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the field and the fix."""
 
 
 def elastic_worker_counts(tp_size: int, dp_size: int, grad_accum_steps: int) -> list[int]:
