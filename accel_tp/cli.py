@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
+from .errors import EXIT_CRASH, EXIT_USER_ERROR, UserError, WorkerCrash
 from .export import DTYPES, export_checkpoint
 from .launch import run_local, run_ray
 
@@ -41,24 +43,35 @@ def parse_args(argv: list[str] | None, ray: bool) -> tuple[argparse.Namespace, C
     return args, load_config(args.config, overrides)
 
 
-def main_ray(argv: list[str] | None = None) -> int:
+def _exit_code(run: Callable[[], object]) -> int:
+    """The one place that turns an outcome into an exit code: a user error is one line and exit 2; a
+    Ray worker's crash is its traceback and exit 1; any other exception propagates with its own
+    traceback (Python exits 1)."""
     try:
+        run()
+    except UserError as e:
+        print(f"accel-tp: {e.kind}: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except WorkerCrash as e:
+        print(f"accel-tp: a worker crashed:\n{e}", file=sys.stderr)
+        return EXIT_CRASH
+    return 0
+
+
+def main_ray(argv: list[str] | None = None) -> int:
+    def run() -> None:
         args, cfg = parse_args(argv, ray=True)
         run_ray(cfg, address=args.address)
-    except ConfigError as e:
-        print(f"accel-tp: config error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return _exit_code(run)
 
 
 def main_local(argv: list[str] | None = None) -> int:
-    try:
+    def run() -> None:
         _, cfg = parse_args(argv, ray=False)
         run_local(cfg)
-    except ConfigError as e:
-        print(f"accel-tp: config error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return _exit_code(run)
 
 
 def main_export(argv: list[str] | None = None) -> int:
@@ -85,12 +98,11 @@ def main_export(argv: list[str] | None = None) -> int:
         help="weights' dtype in the export (auto: the training precision)",
     )
     args = p.parse_args(argv)
-    try:
+
+    def run() -> None:
         out = export_checkpoint(
             args.checkpoint, args.out, args.config, args.overrides, args.overwrite, args.dtype
         )
-    except ConfigError as e:
-        print(f"accel-tp: export error: {e}", file=sys.stderr)
-        return 2
-    print(f"[accel-tp] exported {args.checkpoint} -> {out}")
-    return 0
+        print(f"[accel-tp] exported {args.checkpoint} -> {out}")
+
+    return _exit_code(run)

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import check_run_folder
-from .config import Config, ConfigError, config_from_dict, elastic_worker_counts
+from .config import Config, config_from_dict, elastic_worker_counts
 from .data import check_data_sources
 from .env import VERBOSE_ENV, ray_driver_env, ray_worker_env
+from .errors import ConfigError, UserError, WorkerCrash
 from .export import ray_registered
 from .model import load_tokenizer, model_config
 from .parallel import Topology, check_tp_heads
@@ -21,7 +22,7 @@ from .placement import check_cluster_fits, workers_per_node
 from .storage import AWS_ENV, check_storage, exists, is_remote, join, read_text
 from .trainer import run_worker
 
-__all__ = ["preflight", "check_writable", "run_ray", "run_local"]
+__all__ = ["preflight", "check_writable", "run_ray", "run_local", "worker_failure"]
 
 
 def preflight(cfg: Config, world_size: int | None = None, tokenizer: bool = False) -> None:
@@ -171,7 +172,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
 
         if not isinstance(e, TrainingFailedError):
             raise
-        raise ConfigError(_worker_failure_line(e)) from None
+        raise worker_failure(e) from None
     print(f"[accel-tp] run folder:  {result.path}")
     if result.checkpoint is not None:
         print(f"[accel-tp] checkpoint:  {result.checkpoint.path}")
@@ -298,20 +299,26 @@ def _ray_train_logging() -> dict[str, Any]:
     return {"logging_config": config(log_level="WARNING")}
 
 
-def _worker_failure_line(error: Exception) -> str:
-    """One line for a failed worker group: the first worker's own error, without Ray's wrapping."""
+def _root_cause(error: BaseException) -> BaseException:
+    while getattr(error, "cause", None) is not None or error.__cause__ is not None:
+        error = getattr(error, "cause", None) or error.__cause__
+    return error
+
+
+def worker_failure(error: Exception) -> Exception:
+    """What a failed Ray worker group means to the user. When a worker raised a UserError (a config
+    field, a data file, a checkpoint), that error, as one line naming the worker: the other workers'
+    errors are its consequences (a collective its peer left). Anything else is a crash, shown with
+    the workers' own tracebacks (Ray Train keeps them as text: the exception objects lose theirs
+    on the way to the driver)."""
     failures = getattr(error, "worker_failures", None) or {}
-    if not failures:
-        return f"training failed: {error}".splitlines()[0]
-    rank, exc = min(failures.items(), key=lambda kv: kv[0])
-    root: BaseException = exc
-    while getattr(root, "cause", None) is not None or root.__cause__ is not None:
-        root = getattr(root, "cause", None) or root.__cause__
-    text = str(root).strip().splitlines()
-    # A re-raised Ray task error starts with its traceback; the last line is the error itself.
-    message = text[-1] if text else type(root).__name__
-    others = f" (and {len(failures) - 1} more workers)" if len(failures) > 1 else ""
-    return f"worker {rank}{others}: {message}"
+    user = sorted((r, _root_cause(e)) for r, e in failures.items() if isinstance(_root_cause(e), UserError))
+    if user:
+        rank, root = user[0]
+        others = f" (and {len(failures) - 1} more workers)" if len(failures) > 1 else ""
+        message = str(root).strip().splitlines()
+        return type(root)(f"worker {rank}{others}: {message[-1] if message else type(root).__name__}")
+    return WorkerCrash(str(error).strip())
 
 
 def run_local(cfg: Config) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accel_tp.parallelize import document_block_mask
+from accel_tp.tools.block_mask import document_block_mask
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
 masking = pytest.importorskip("transformers.masking_utils")
@@ -70,10 +70,10 @@ def test_same_blocks_and_mask_as_transformers(rows, length, seed, pad):
 
 
 def test_the_forward_passes_the_mask_only_for_whole_blocks():
-    from accel_tp.parallelize import _block_mask_forward
+    from accel_tp.tools.block_mask import block_mask_forward
 
     seen = {}
-    fwd = _block_mask_forward(lambda **kw: seen.update(kw))
+    fwd = block_mask_forward(lambda **kw: seen.update(kw))
     fwd(input_ids=None, position_ids=packed_positions(2, 256, 3))
     assert isinstance(seen["attention_mask"], flex.BlockMask)
     seen.clear()

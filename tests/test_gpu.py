@@ -175,13 +175,13 @@ def test_fused_loss_run_evaluates_and_exports(tmp_path):
 
 
 def test_document_block_mask_gives_the_transformers_model_output():
-    """accel-tp's document block mask (parallelize.document_block_mask, passed by the forward
+    """accel-tp's document block mask (tools/block_mask.py document_block_mask, passed by the forward
     wrapper) in place of the one Transformers builds from packed position ids: the same flex
     attention blocks, so the same logits and gradients, eager and with compiled decoder layers
     (which also must not recompile for a new batch's mask)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from accel_tp.parallelize import _block_mask_forward
+    from accel_tp.tools.block_mask import block_mask_forward
 
     from .test_block_mask import packed_positions
 
@@ -196,7 +196,7 @@ def test_document_block_mask_gives_the_transformers_model_output():
     )
     cfg._attn_implementation = "flex_attention"
     model = Qwen2ForCausalLM(cfg).cuda().train()
-    ours = _block_mask_forward(model.forward)
+    ours = block_mask_forward(model.forward)
 
     def run(fwd, ids, pos):
         model.zero_grad(set_to_none=True)

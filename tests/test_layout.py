@@ -20,7 +20,7 @@ PKG = ROOT / "accel_tp"
 # Top to bottom: a module may import only modules of a lower layer (or of its own layer's
 # leaves below it in this table). Entry points -> launch -> trainer -> components -> config.
 LAYERS: list[set[str]] = [
-    {"tools.bench", "tools.commbench", "tools.profile"},
+    {"tools.bench", "tools.commbench", "tools.profile", "tools.block_mask"},
     {"tools.common"},
     {"cli"},
     {"launch"},
