@@ -1,6 +1,6 @@
 """Process-environment rules, written once: every process accel-tp starts or runs in uses these.
 
-A leaf module (imports nothing of accel-tp): the allocator default, the switch that makes
+Imports only accel_tp.compat: the allocator default, the switch that makes
 Accelerate use DeepSpeed, the libraries' log levels, a free local port, and the torch.distributed
 variables of a one-process world.
 """
@@ -12,6 +12,8 @@ import os
 import socket
 import warnings
 from collections.abc import Mapping
+
+from .compat.ray import quiet_ray_train_reports
 
 __all__ = [
     "allocator_env",
@@ -91,14 +93,7 @@ def quiet_libraries() -> None:
         return
     for name in ("accelerate", "DeepSpeed", "deepspeed", "datasets", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Ray Train 2.60's worker context logs every report ("Reporting training result N: ...") at INFO,
-    # to a logger named by its file path; on a multi-node cluster it reaches the driver's console.
-    try:
-        from ray.train.v2._internal.execution import context as ray_train_context
-
-        logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # another Ray version: nothing to quiet
-        pass
+    quiet_ray_train_reports()
     # Tokenization runs once per node and is quick; its per-step bars would bury the training bar.
     import datasets
 

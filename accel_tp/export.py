@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from .checkpoint import RUN_CONFIG_FILE, peek_train_state, steps_under
+from .compat.transformers import without_hf_zero3_init
 from .config import Config, ConfigError, load_config
 from .env import apply_worker_env, free_port, quiet_libraries
 from .model import load_tokenizer, model_config, model_fingerprint, param_groups
-from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin, without_hf_zero3_init
+from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin
 from .storage import download, exists, is_remote, join, replace_folder
 
 __all__ = [

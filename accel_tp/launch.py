@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import check_run_folder
+from .compat.ray import WorkerCount, elastic_worker_count_override
 from .config import Config, config_from_dict, elastic_worker_counts
 from .data import check_data_sources
 from .env import VERBOSE_ENV, ray_driver_env, ray_worker_env
@@ -165,7 +165,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         ),
     )
     try:
-        with _tp_aligned_elastic_policy(cfg):
+        with _elastic_policy(cfg):
             result = trainer.fit()
     except Exception as e:
         from ray.train import TrainingFailedError
@@ -240,52 +240,24 @@ def check_shared_storage(storage: str, nodes: list[dict[str, Any]]) -> None:
         )
 
 
-@contextlib.contextmanager
-def _tp_aligned_elastic_policy(cfg: Config) -> Iterator[None]:
-    """Ray Train's elastic policy starts as many workers as fit (ElasticScalingPolicy.
-    _count_possible_workers); accel-tp can only use counts that keep whole, node-local TP groups
-    and the global batch. Ray 2.60 has no public hook for that, so the policy the trainer creates is
-    swapped for a subclass that rounds down to such a count, for this fit only."""
+def tp_aligned_worker_count(tp_size: int, counts: list[int]) -> WorkerCount:
+    """How many workers an elastic run can use on the nodes Ray reserved: whole, node-local TP groups,
+    and a count that keeps the global batch (`counts`, elastic_worker_counts); Ray's own policy
+    would take every free slot."""
+
+    def count(reserved: list[dict[str, float]], per_worker: dict[str, float]) -> int:
+        usable = sum(c // tp_size * tp_size for c in workers_per_node(reserved, per_worker))
+        return max([c for c in counts if c <= usable], default=0)
+
+    return count
+
+
+def _elastic_policy(cfg: Config) -> contextlib.AbstractContextManager[None]:
     if not cfg.ray.min_workers:
-        yield
-        return
-    try:
-        import ray.train.v2.api.data_parallel_trainer as dpt
-    except ImportError:  # another Ray layout: its own policy; fit_to_world refuses an unusable count
-        yield
-        return
+        return contextlib.nullcontext()
     par, tr = cfg.parallelism, cfg.train
     counts = elastic_worker_counts(par.tp_size, par.dp_size or 1, tr.grad_accum_steps)
-    create = dpt.create_scaling_policy
-
-    def aligned(scaling_config: Any) -> Any:
-        if not scaling_config.elasticity_enabled:
-            return create(scaling_config)
-        return _tp_aligned_policy_class()(scaling_config, par.tp_size, counts)
-
-    dpt.create_scaling_policy = aligned
-    try:
-        yield
-    finally:
-        dpt.create_scaling_policy = create
-
-
-def _tp_aligned_policy_class() -> type:
-    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
-
-    class TPAlignedElasticPolicy(ElasticScalingPolicy):
-        def __init__(self, scaling_config: Any, tp_size: int, counts: list[int]) -> None:
-            super().__init__(scaling_config)
-            self.tp_size = tp_size
-            self.counts = counts
-
-        def _count_possible_workers(self, reserved_resources: Any) -> int:
-            per_worker = self.scaling_config._resources_per_worker_not_none
-            capacity = workers_per_node(list(reserved_resources.values()), per_worker)
-            usable = sum(c // self.tp_size * self.tp_size for c in capacity)
-            return max([c for c in self.counts if c <= usable], default=0)
-
-    return TPAlignedElasticPolicy
+    return elastic_worker_count_override(tp_aligned_worker_count(par.tp_size, counts))
 
 
 def _ray_train_logging() -> dict[str, Any]:

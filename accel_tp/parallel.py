@@ -7,8 +7,6 @@ consecutive ranks, so rank = dp_rank * tp_size + tp_rank.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +20,6 @@ __all__ = [
     "build_deepspeed_config",
     "make_deepspeed_plugin",
     "global_batch_size",
-    "without_hf_zero3_init",
-    "keep_clipping_grad_norm",
 ]
 
 
@@ -180,55 +176,5 @@ def make_deepspeed_plugin(ds_config: dict[str, Any]) -> Any:
     from accelerate.utils import DeepSpeedPlugin
 
     # zero3_init_flag off: models are built whole and then partitioned. (That flag alone does not
-    # stop transformers from using zero.Init: see without_hf_zero3_init.)
+    # stop transformers from using zero.Init: see compat.transformers.without_hf_zero3_init.)
     return DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=False)
-
-
-@contextmanager
-def without_hf_zero3_init() -> Iterator[None]:
-    """Build a model whole, also under ZeRO-3; DeepSpeed partitions it in prepare().
-
-    Accelerate publishes the DeepSpeed config to transformers whatever zero3_init_flag says
-    (accelerate/utils/dataclasses.py DeepSpeedPlugin.set_deepspeed_weakref creates HfDeepSpeedConfig
-    unconditionally since Accelerate 1.0). At stage 3 transformers then builds the model under
-    deepspeed.zero.Init, which skips the layers' constructor draws: every random weight comes out
-    another sample for the same seed (the first loss differed from the unsharded model's), and
-    from_pretrained with AutoTP raises NotImplementedError. So the published config is cleared for
-    the build and restored after it. tests/test_zero3_upstream.py reproduces the upstream behaviour.
-    """
-    from transformers.integrations import deepspeed as hf_ds
-
-    published = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref else None
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if published is not None:
-            hf_ds.set_hf_deepspeed_config(published)
-
-
-def keep_clipping_grad_norm(engine: Any) -> bool:
-    """Make `engine.get_global_grad_norm()` report the norm DeepSpeed clips with where it discards it.
-
-    Without ZeRO and in fp32, DeepSpeed clips in `clip_fp32_gradients` with
-    `runtime.utils.clip_grad_norm_` (TP-aware through `engine.mpu`, averaged over DP) and drops the
-    norm it returns (deepspeed 0.19.8 runtime/engine.py:3503), so `get_global_grad_norm()` stays None.
-    The same call, with its result kept where `get_global_grad_norm` reads it: one computation, the
-    one that clipped. Returns whether it applied (stage 0, fp32, clipping on); without clipping
-    DeepSpeed computes no norm at all and none is reported.
-    """
-    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
-        return False
-    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
-        return False  # torch autocast (deepspeed.overrides): an inf norm is a step GradScaler skips
-    if not engine.gradient_clipping() > 0.0:
-        return False
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip_fp32_gradients() -> None:
-        engine._global_grad_norm = clip_grad_norm_(
-            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
-        )
-
-    engine.clip_fp32_gradients = clip_fp32_gradients
-    return True

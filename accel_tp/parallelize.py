@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .compat.liger import liger_api
 from .config import Config, ConfigError, ModelSection
 from .families import localize_attention, partition_for
 
@@ -119,9 +120,7 @@ def apply_liger_kernels(
     directly and is only correct when that weight is whole (not vocab-sharded by tensor parallelism).
     """
     try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        apply_to_instance, liger_fused_linear_cross_entropy, known_types = liger_api()
     except ImportError as e:
         raise ConfigError(
             f"model.liger_kernel: liger-kernel is not importable ({e}); pip install liger-kernel "
@@ -129,12 +128,12 @@ def apply_liger_kernels(
         ) from e
     # Liger only logs (at info level) for a model type it does not know; refuse instead.
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+    if model_type not in known_types:
         raise ConfigError(
             f"model.liger_kernel: Liger has no kernels for model type {model_type!r}; set it false."
         )
     if layer_kernels:
-        _apply_liger_kernel_to_instance(
+        apply_to_instance(
             model=model, fused_linear_cross_entropy=False, rope=True, rms_norm=True, swiglu=True
         )
     applied = []

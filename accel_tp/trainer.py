@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer, LocalCheckpointer, RayCheckpointer, TrainState
+from .compat.deepspeed import keep_clipping_grad_norm
+from .compat.torch import compiled_graph_counts
+from .compat.transformers import without_hf_zero3_init
 from .compile_cache import CompileCache
 from .config import Config, ConfigError, elastic_worker_counts
 from .data import (
@@ -38,10 +41,8 @@ from .parallel import (
     build_deepspeed_config,
     check_tp_heads,
     global_batch_size,
-    keep_clipping_grad_norm,
     make_deepspeed_plugin,
     resolve_precision,
-    without_hf_zero3_init,
 )
 from .parallelize import apply_after_sharding, apply_before_sharding, check_device_support
 from .placement import check_tp_node_local, describe_mesh, gather_nodes
@@ -448,7 +449,7 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     rt.model.train()
     metrics: dict[str, Any] = {}
     t_last = time.perf_counter()
-    graphs_at_first_step: tuple[int, ...] = (0, 0, 0, 0)  # compiled-graph counters (_graph_counts)
+    graphs_at_first_step: tuple[int, ...] = (0, 0, 0, 0)  # compiled-graph counters (compiled_graph_counts)
     evaluated = False
     for step in range(start, rt.total_steps):
         epoch, micro_batches = next(groups)
@@ -536,20 +537,6 @@ def train_loop(rt: Runtime, under_ray: bool) -> dict[str, Any]:
     return metrics
 
 
-def _graph_counts() -> tuple[int, int, int, int]:
-    """This process's compiled graphs so far: (AOTAutograd cache hits, AOTAutograd graphs, Inductor
-    cache hits, Inductor graphs)."""
-    from torch._dynamo.utils import counters
-
-    aot, ind = counters["aot_autograd"], counters["inductor"]
-    return (
-        aot["autograd_cache_hit"],
-        aot["autograd_cache_hit"] + aot["autograd_cache_miss"],
-        ind["fxgraph_cache_hit"],
-        ind["fxgraph_cache_hit"] + ind["fxgraph_cache_miss"],
-    )
-
-
 def _hits_text(now: tuple[int, ...], before: tuple[int, ...] = (0, 0, 0, 0)) -> str:
     a, b, c, d = (x - y for x, y in zip(now, before))
     return f"compiled graphs taken from the cache: AOTAutograd {a} of {b}, Inductor {c} of {d}"
@@ -557,9 +544,9 @@ def _hits_text(now: tuple[int, ...], before: tuple[int, ...] = (0, 0, 0, 0)) -> 
 
 def _first_step_done(rt: Runtime, seconds: float) -> tuple[int, ...]:
     """After this process's first step: how long the start took (the number a restart costs), and
-    the compile artifacts saved for the next start. Returns the graph counters (_graph_counts)."""
+    the compile artifacts saved for the next start. Returns the graph counters (compiled_graph_counts)."""
     saved = rt.compile_cache.save("train") if rt.compile_cache is not None else None
-    counts = _graph_counts() if rt.cfg.model.compile else (0, 0, 0, 0)
+    counts = compiled_graph_counts() if rt.cfg.model.compile else (0, 0, 0, 0)
     if rt.accelerator.is_main_process:
         import psutil
 
@@ -580,7 +567,7 @@ def _first_eval_done(rt: Runtime, before: tuple[int, ...]) -> None:
     if not rt.cfg.model.compile:
         return
     saved = rt.compile_cache.save("eval") if rt.compile_cache is not None else None
-    counts = _graph_counts()
+    counts = compiled_graph_counts()
     if rt.accelerator.is_main_process:
         note = f"; compile cache saved ({saved / 2**20:.1f} MiB)" if saved else ""
         # Since the first step: the evaluation's graphs, and any training graph compiled in between.

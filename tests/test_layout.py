@@ -33,6 +33,14 @@ LAYERS: list[set[str]] = [
     {"run_folder"},
     {"corpus", "storage", "chat"},
     {"config", "env"},
+    {
+        "compat.accelerate",
+        "compat.deepspeed",
+        "compat.liger",
+        "compat.ray",
+        "compat.torch",
+        "compat.transformers",
+    },
     {"errors"},
 ]
 

@@ -85,10 +85,12 @@ def test_elastic_policy_counts_whole_tp_groups_that_keep_the_global_batch():
     divides the micro-batches per global batch (Ray's own policy would take every free slot)."""
     from ray.train import ScalingConfig
 
-    from accel_tp.launch import _tp_aligned_policy_class
+    from accel_tp.compat.ray import count_limited_policy_class
+    from accel_tp.launch import tp_aligned_worker_count
 
     sc = ScalingConfig(num_workers=(2, 8), resources_per_worker={"CPU": 1})
-    policy = _tp_aligned_policy_class()(sc, 2, elastic_worker_counts(2, 4, 1))  # valid: 2, 4, 8
+    counts = elastic_worker_counts(2, 4, 1)  # valid: 2, 4, 8
+    policy = count_limited_policy_class()(sc, tp_aligned_worker_count(2, counts))
     count = policy._count_possible_workers
     assert count({"a": {"CPU": 3.0}, "b": {"CPU": 3.0}}) == 4  # 2 + 2 usable, not 6
     assert count({"a": {"CPU": 3.0}, "b": {"CPU": 4.0}}) == 4  # 6 usable: dp 3 does not divide 4

@@ -1,0 +1,53 @@
+"""DeepSpeed internals accel-tp relies on (see accel_tp/compat/__init__.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["keep_clipping_grad_norm", "universal_load"]
+
+
+def keep_clipping_grad_norm(engine: Any) -> bool:
+    """Make `engine.get_global_grad_norm()` report the norm DeepSpeed clips with where it discards it.
+
+    Without ZeRO and in fp32, DeepSpeed clips in `clip_fp32_gradients` with
+    `runtime.utils.clip_grad_norm_` (TP-aware through `engine.mpu`, averaged over DP) and drops the
+    norm it returns (deepspeed 0.19.8 runtime/engine.py:3503), so `get_global_grad_norm()` stays None.
+    The same call, with its result kept where `get_global_grad_norm` reads it: one computation, the
+    one that clipped. Returns whether it applied (stage 0, fp32, clipping on); without clipping
+    DeepSpeed computes no norm at all and none is reported.
+    """
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return False
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        return False  # torch autocast (deepspeed.overrides): an inf norm is a step GradScaler skips
+    if not engine.gradient_clipping() > 0.0:
+        return False
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+        )
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+    return True
+
+
+@contextmanager
+def universal_load(engines: list[Any]) -> Iterator[None]:
+    """Switch the engines' `load_universal_checkpoint` on for one load, then back (the engine reads
+    this config flag in load_checkpoint; there is no load argument for it)."""
+    if not engines:
+        raise RuntimeError("resharding a checkpoint needs the DeepSpeed engine (accelerator.prepare) first.")
+    configs = [e._config for e in engines]
+    before = [c.load_universal_checkpoint for c in configs]
+    for c in configs:
+        c.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        for c, b in zip(configs, before):
+            c.load_universal_checkpoint = b
