@@ -305,8 +305,8 @@ class DeepSpeedSection:
             # step (bias correction off by one for the whole run) and applies one weight decay at the
             # base lr; and at tp > 1 its gradient norm drops the shards of TP ranks > 0 (step() hands
             # get_weight_norm plain gradient tensors, on which runtime/utils.py:575
-            # is_model_parallel_parameter is false), so clipping uses too small a norm. Measured on
-            # CPU (tiny model, 20 steps): 1.1e-2 relative loss error at tp1 vs 2.6e-4 for ZeRO-1 bf16.
+            # is_model_parallel_parameter is false), so clipping uses too small a norm (the loss drifts
+            # far more than ZeRO-1 bf16's: docs/performance.md).
             # "auto" is refused too: it resolves to bf16 or fp16 on GPUs.
             raise ConfigError(
                 f"deepspeed.zero_stage: 0 needs deepspeed.precision: fp32 (got {self.precision!r}): DeepSpeed "
@@ -669,7 +669,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not p.is_file():
         raise ConfigError(f"--config: no such file {str(p)!r}.")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"--config: {str(p)!r} is not a text file (byte {e.start} is not UTF-8); pass a run YAML, e.g. "
+            "accelerate_configs/tp2_dp2.yaml."
+        ) from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(data, dict):

@@ -34,8 +34,7 @@ VERBOSE_ENV = "ACCEL_TP_VERBOSE"
 def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The CUDA caching-allocator settings a process should get: the user's own (either name;
     torch >= 2.9 reads PYTORCH_ALLOC_CONF, the older name wins when both are set), else
-    expandable_segments, measured +14 % tokens/s and no fragmentation OOM at large micro-batches
-    (docs/performance.md)."""
+    expandable_segments: faster, and no fragmentation OOM at large micro-batches (docs/performance.md)."""
     mine = {n: environ[n] for n in _ALLOC_NAMES if n in environ}
     return mine or {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 

@@ -151,7 +151,7 @@ def build_deepspeed_config(
     }
     if precision == "bf16":
         # DeepSpeed's bf16 overflow check scans every gradient tensor (a few kernels per parameter
-        # and a host sync each step: 6% of a step for Qwen2.5-0.5B on an H100). bf16 has fp32's
+        # and a host sync each step: a visible share of a step, docs/performance.md). bf16 has fp32's
         # range, so a non-finite gradient means divergence, not a loss-scale overflow. Without the
         # scan DeepSpeed applies that step (the in-memory weights are spoilt) but reports the
         # gradient norm as inf, and train_step then raises before anything is saved: the run
