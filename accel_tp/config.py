@@ -96,7 +96,7 @@ class ModelSection:
     # The tensor-parallel plan, in Hugging Face's tp_plan vocabulary: {module pattern: style}, e.g.
     # {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"}; '*' is one
     # name segment. Replaces the model's own plan (None: the model's, or accel-tp's for its family;
-    # README "Model families"). Styles: TP_STYLES.
+    # docs/families.md). Styles: TP_STYLES.
     tp_plan: dict[str, str] | None = None
     # Liger's Triton kernels (GPU only): RMSNorm, RoPE, SwiGLU, and at tp_size 1 the fused linear
     # cross-entropy, which never materialises the vocab-sized logits (under AutoTP the lm_head is

@@ -110,7 +110,7 @@ FAMILY_PLANS: dict[str, tuple[dict[str, str], str]] = {
 
 @dataclass(frozen=True)
 class Partition:
-    """What a run's TP group does with the model: `how` (README "Model families"), and the
+    """What a run's TP group does with the model: `how` (docs/families.md), and the
     DeepSpeed `tensor_parallel.partition_config` (None: DeepSpeed's own path)."""
 
     how: str

@@ -1,6 +1,6 @@
 """The single-process reference for the parity tests: a plain Hugging Face model, torch AdamW.
 
-It shares no product logic with accel_tp: everything here is written from the README's definitions
+It shares no product logic with accel_tp: everything here is written from the definitions in docs/parallelism.md
 (and the TrainSection comments in accel_tp/config.py), so a bug in accel-tp's data, model, loss,
 schedule or optimizer code shows up as a parity failure instead of being reproduced here. The only
 accel_tp imports are the Config type and accel_tp.corpus for *inputs*: the embedded corpus's raw

@@ -1,8 +1,7 @@
 """The single-process reference for the chat parity tests (data.format: chat).
 
 Like tests/reference.py (whose model, schedule and epoch-order helpers it reuses: they are the
-README's definitions, not product code) it shares no accel_tp logic. Written from the README's chat
-section:
+definitions of docs/parallelism.md, not product code) it shares no accel_tp logic. Written from docs/chat.md:
 
 * Conversations: the shipped set (read straight from its .jsonl.gz, an input like the corpus) or
   local .jsonl files; the first `percentage` percent; `eval_fraction` held out with datasets'
@@ -38,7 +37,7 @@ from accel_tp.config import Config
 from .reference import SPLIT_SEED, _lr_factor, _model, _order, _tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "accel_tp" / "assets" / "default_conversations.jsonl.gz"
-WINDOW = 1000  # the README's packing window
+WINDOW = 1000  # docs/packing.md's packing window
 IGNORE = -100
 
 

@@ -1,5 +1,5 @@
 """What each ZeRO stage holds per rank, counted on real DeepSpeed (tp2 x dp2, 4 gloo processes, fp32):
-the README's model-state formula, checked tensor by tensor on the tiny model.
+the model-state formula (docs/parallelism.md), checked tensor by tensor on the tiny model.
 
 With P the parameters one TP rank holds (AutoTP shards every linear layer; the untied embedding and
 the norms are replicated), fp32 on CPU: stages 1 and 2 keep the whole TP shard (4P bytes) and a 1/dp
