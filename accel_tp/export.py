@@ -22,25 +22,38 @@ from typing import Any
 
 import torch
 
-from .checkpoint import RUN_CONFIG_FILE, peek_train_state, steps_under
+from .checkpoint.format import (
+    DS_TAG,
+    RAY_SNAPSHOT_FILE,
+    RUN_CONFIG_FILE,
+    STEP_NAME_PATTERN,
+    TMP_PREFIX,
+    TRAIN_STATE_FILE,
+    model_states_file,
+    peek_train_state,
+    ray_registered,
+    steps_under,
+    tmp_name,
+)
 from .compat.transformers import without_hf_zero3_init
 from .config import Config, ConfigError, load_config
 from .env import apply_worker_env, free_port, quiet_libraries
 from .model import load_tokenizer, model_config, model_fingerprint, param_groups
 from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin
+from .run_folder import CHECKPOINTS_DIR
 from .storage import download, exists, is_remote, join, replace_folder
 
 __all__ = [
     "export_hf",
     "export_checkpoint",
     "inspect_checkpoint",
-    "ray_registered",
     "CheckpointInfo",
     "DTYPES",
+    "EXPORT_CHECK_FILE",
 ]
 
-# Accelerate's save_state hands DeepSpeed this tag (accelerate.utils.MODEL_NAME) for the model.
-MODEL_TAG = "pytorch_model"
+# Beside an end-of-training export: a training batch and the trained model's logits and loss on it.
+EXPORT_CHECK_FILE = "export_check.pt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,7 +68,7 @@ def export_hf(
     """Write the trained model as a plain HF model to `out_dir`; returns the folder.
 
     With `probe` (a batch), rank 0 also saves that batch and the trained model's logits and loss
-    on it as `export_check.pt` beside the export, so the export can be verified against them.
+    on it as EXPORT_CHECK_FILE beside the export, so the export can be verified against them.
     `tokenizer` None writes no tokenizer; `dtype` casts the weights (default: as the engine holds them).
     """
     out = Path(out_dir)
@@ -83,7 +96,7 @@ def export_hf(
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         if check is not None:
-            torch.save(check, out / "export_check.pt")
+            torch.save(check, out / EXPORT_CHECK_FILE)
     accelerator.wait_for_everyone()
     return out
 
@@ -120,48 +133,18 @@ class CheckpointInfo:
     run_config: Path | None  # the run's YAML recorded in the checkpoint, if any
 
 
-# Ray Train writes this into a run folder; it lists the checkpoints Ray registered.
-_RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-def ray_registered(run_dir: str | os.PathLike) -> list[Path] | None:
-    """The checkpoints Ray registered in a Ray run folder (a local path or an object-store URI),
-    oldest first (None: not a Ray run folder). For a URI the paths are in-bucket paths.
-
-    Ray registers a checkpoint only once every worker has reported it, so a step folder that is not
-    listed is a save a crash cut short (or one Ray is still collecting).
-    """
-    if is_remote(run_dir):
-        if not exists(join(str(run_dir), _RAY_SNAPSHOT)):
-            return None
-    elif not (Path(run_dir) / _RAY_SNAPSHOT).is_file():
-        return None
-    import logging
-
-    import ray.train
-
-    log = logging.getLogger("ray.train")
-    level = log.level
-    log.setLevel(logging.ERROR)  # from_path explains at length how a restore would resume
-    try:
-        result = ray.train.Result.from_path(str(run_dir))
-    finally:
-        log.setLevel(level)
-    return sorted((Path(c.path) for c, _ in result.best_checkpoints), key=lambda c: c.name)
-
-
 def _not_a_checkpoint(path: Path) -> ConfigError:
     # A run folder (local runs keep theirs under checkpoints/) or a Ray run folder: name its steps.
     steps = ray_registered(path) or [
-        p for _, p in sorted(steps_under(path) or steps_under(path / "checkpoints"))
+        p for _, p in sorted(steps_under(path) or steps_under(path / CHECKPOINTS_DIR))
     ]
     if steps:
         names = ", ".join(p.name for p in steps[-3:])
         hint = f"it holds checkpoints ({names}); pass one of them, e.g. --checkpoint {steps[-1]}"
     else:
         hint = (
-            "pass a step_NNNNNNNN folder saved by accel-tp (it holds custom_checkpoint_0.pkl and "
-            f"{MODEL_TAG}/mp_rank_00_model_states.pt)"
+            f"pass a {STEP_NAME_PATTERN} folder saved by accel-tp (it holds {TRAIN_STATE_FILE} and "
+            f"{DS_TAG}/{model_states_file(0)})"
         )
     return ConfigError(f"--checkpoint: {str(path)!r} is not an accel-tp checkpoint; {hint}.")
 
@@ -176,16 +159,14 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ConfigError(f"--checkpoint: no folder {str(p)!r}.")
-    if p.name.startswith(".tmp-"):
+    if p.name.startswith(TMP_PREFIX):
         raise ConfigError(
-            f"--checkpoint: {str(p)!r} is an unfinished save (a .tmp- folder becomes step_N only once "
-            "complete); pass a step_NNNNNNNN folder."
+            f"--checkpoint: {str(p)!r} is an unfinished save (a {TMP_PREFIX} folder becomes a checkpoint "
+            f"only once complete); pass a {STEP_NAME_PATTERN} folder."
         )
     state = peek_train_state(p)
-    rank0 = p / MODEL_TAG / "mp_rank_00_model_states.pt"
-    zero3 = not rank0.is_file()
-    if zero3:  # ZeRO-3 names its module files per DP and TP rank
-        rank0 = p / MODEL_TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    zero3 = _is_zero3(p)
+    rank0 = p / DS_TAG / model_states_file(0, dp_rank=0 if zero3 else None)
     if state is None or not rank0.is_file():
         raise _not_a_checkpoint(p)
     # Metadata only: mmap reads no tensor data, weights_only unpickles nothing but tensors and
@@ -201,11 +182,11 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     dp = int(meta.get("dp_world_size") or 1) if zero3 else 1
     del meta
     names = (
-        [f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt" for d in range(dp) for t in range(tp)]
+        [model_states_file(t, dp_rank=d) for d in range(dp) for t in range(tp)]
         if zero3
-        else [f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
+        else [model_states_file(t) for t in range(tp)]
     )
-    missing = [f"{MODEL_TAG}/{n}" for n in names if not (p / MODEL_TAG / n).is_file()]
+    missing = [f"{DS_TAG}/{n}" for n in names if not (p / DS_TAG / n).is_file()]
     if missing:
         raise ConfigError(
             f"--checkpoint: {str(p)!r} is incomplete: it was saved with tp_size {tp} but lacks {missing}. "
@@ -228,8 +209,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(p, tp, dtype, dp, state, recorded if recorded.is_file() else None)
 
 
-def _is_zero3(info: CheckpointInfo) -> bool:
-    return not (info.path / MODEL_TAG / "mp_rank_00_model_states.pt").is_file()
+def _is_zero3(checkpoint: Path) -> bool:
+    """ZeRO-3 names its module files per DP and TP rank (model_states_file(t, dp_rank))."""
+    return not (checkpoint / DS_TAG / model_states_file(0)).is_file()
 
 
 def _check_out_dir(out: Path, checkpoint: Path, overwrite: bool) -> None:
@@ -309,18 +291,18 @@ def _export_worker(
     if zero3:
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate)
         engine, _ = accelerator.prepare(model, optimizer)
-        loaded, _ = engine.load_checkpoint(ckpt, tag=MODEL_TAG, load_lr_scheduler_states=False)
+        loaded, _ = engine.load_checkpoint(ckpt, tag=DS_TAG, load_lr_scheduler_states=False)
     else:
         engine = accelerator.prepare(model)
         loaded, _ = engine.load_checkpoint(
             ckpt,
-            tag=MODEL_TAG,
+            tag=DS_TAG,
             load_module_only=True,
             load_optimizer_states=False,
             load_lr_scheduler_states=False,
         )
     if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt}/{MODEL_TAG}")
+        raise RuntimeError(f"DeepSpeed could not load {ckpt}/{DS_TAG}")
     engine.eval()
     export_hf(accelerator, engine, None, out, dtype=DTYPES[out_dtype])
     accelerator.end_training()
@@ -366,7 +348,7 @@ def export_checkpoint(
         )
     load_dtype = str(info.dtype).removeprefix("torch.")
 
-    tmp = out.parent / f".tmp-{out.name}"
+    tmp = out.parent / tmp_name(out.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -385,7 +367,7 @@ def export_checkpoint(
                 load_dtype,
                 load_dtype if dtype == "auto" else dtype,
                 info.tp_size,
-                _is_zero3(info),
+                _is_zero3(info.path),
             ),
             nprocs=info.tp_size * info.dp_size,
             join=True,
@@ -424,7 +406,7 @@ def _export_remote(
         local_ckpt: str | os.PathLike = checkpoint
         if is_remote(checkpoint):
             run = checkpoint.rstrip("/").rsplit("/", 1)[0]
-            if exists(join(checkpoint, _RAY_SNAPSHOT)):
+            if exists(join(checkpoint, RAY_SNAPSHOT_FILE)):
                 steps = ray_registered(checkpoint) or []
                 hint = f"; pass one of its checkpoints, e.g. --checkpoint {join(checkpoint, steps[-1].name)}"
                 raise ConfigError(f"--checkpoint: {checkpoint!r} is a Ray run folder{hint if steps else ''}.")
@@ -443,7 +425,7 @@ def _export_remote(
             local_ckpt = download(checkpoint, Path(tmp) / "checkpoint" / name)
         if not is_remote(out_dir):
             return export_checkpoint(local_ckpt, out_dir, config, overrides, overwrite, dtype)
-        if exists(join(out_dir, _RAY_SNAPSHOT)):
+        if exists(join(out_dir, RAY_SNAPSHOT_FILE)):
             raise ConfigError(f"--out: {out_dir!r} is a Ray run folder; write the export elsewhere.")
         if exists(out_dir) and not overwrite:
             raise ConfigError(f"--out: {out_dir!r} exists; pass --overwrite to replace it, or another --out.")

@@ -4,15 +4,19 @@ nothing already saved is touched. (Errors raised inside workers are covered in t
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from accel_tp.checkpoint import LocalCheckpointer, TrainState, check_resume, peek_train_state
+from accel_tp.checkpoint.format import DS_TAG, TRAIN_STATE_FILE, model_states_file, step_name
 from accel_tp.config import ConfigError, DataSection, config_from_dict, load_config
 from accel_tp.data import load_or_build_tokenized
+from accel_tp.errors import CheckpointError
 from accel_tp.launch import preflight, run_ray
+from accel_tp.run_folder import CHECKPOINTS_DIR, METRICS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,11 +92,11 @@ def test_unwritable_storage_path_fails_before_ray_starts(tmp_path):
 
 
 def _checkpoint(tmp_path, **state) -> Path:
-    ckpt = tmp_path / "ckpt" / "step_00000010"
+    ckpt = tmp_path / "ckpt" / step_name(10)
     ckpt.mkdir(parents=True)
-    torch.save(TrainState(step=10, **state).state_dict(), ckpt / "custom_checkpoint_0.pkl")
-    (ckpt / "pytorch_model").mkdir()
-    (ckpt / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    torch.save(TrainState(step=10, **state).state_dict(), ckpt / TRAIN_STATE_FILE)
+    (ckpt / DS_TAG).mkdir()
+    (ckpt / DS_TAG / model_states_file(0)).write_bytes(b"weights")
     return ckpt
 
 
@@ -141,9 +145,9 @@ def test_incompatible_checkpoint_is_refused_untouched(tmp_path, saved, match):
         tmp_path / "ckpt",
         str(ckpt),
     )
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(CheckpointError, match=match):
         ck.precheck()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(CheckpointError, match=match):
         ck.load()
     assert _digest(ckpt) == before
 
@@ -151,7 +155,7 @@ def test_incompatible_checkpoint_is_refused_untouched(tmp_path, saved, match):
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x").mkdir()
     assert peek_train_state(tmp_path / "x") is None
-    with pytest.raises(ValueError, match="not an accel-tp checkpoint"):
+    with pytest.raises(CheckpointError, match="not an accel-tp checkpoint"):
         check_resume(None, TrainState(), "checkpoint.resume_from")
 
 
@@ -165,7 +169,7 @@ def test_liger_refused_by_a_cpu_worker_before_anything_is_built():
     from accel_tp.trainer import setup
 
     with pytest.raises(ConfigError, match="model.liger_kernel: .*GPU"):
-        setup(cfg_with(model={"liger_kernel": True}), under_ray=False)
+        setup(cfg_with(model={"liger_kernel": True}))
 
 
 def test_liger_that_would_do_nothing_is_refused():
@@ -271,18 +275,20 @@ def test_fresh_run_over_an_existing_one_is_refused(tmp_path):
     from accel_tp.checkpoint import check_run_folder
 
     run_dir = tmp_path / "r"
-    (run_dir / "checkpoints" / "step_00000005").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_00000010").mkdir()
+    (run_dir / CHECKPOINTS_DIR / step_name(5)).mkdir(parents=True)
+    (run_dir / CHECKPOINTS_DIR / step_name(10)).mkdir()
     with pytest.raises(
-        ConfigError, match=r"run.name: 'r' already exists .*up to step_00000010.*--resume latest"
+        CheckpointError, match=rf"run.name: 'r' already exists .*up to {step_name(10)}.*--resume latest"
     ):
         check_run_folder(run_dir, None, "r")
     check_run_folder(run_dir, "latest", "r")  # continuing it is fine
-    with pytest.raises(ConfigError, match=r"step_00000005 is older than this run's newest .*step_00000010"):
-        check_run_folder(run_dir, str(run_dir / "checkpoints" / "step_00000005"), "r")
+    with pytest.raises(
+        CheckpointError, match=rf"{step_name(5)} is older than this run's newest .*{step_name(10)}"
+    ):
+        check_run_folder(run_dir, str(run_dir / CHECKPOINTS_DIR / step_name(5)), "r")
     only_metrics = tmp_path / "m"
     only_metrics.mkdir()
-    (only_metrics / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(ConfigError, match=r"already exists .*\(metrics.jsonl\)"):
+    (only_metrics / METRICS_FILE).write_text('{"step": 1}\n')
+    with pytest.raises(CheckpointError, match=rf"already exists .*\({re.escape(METRICS_FILE)}\)"):
         check_run_folder(only_metrics, None, "m")
     check_run_folder(tmp_path / "new", None, "new")  # a new name starts fresh

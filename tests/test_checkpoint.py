@@ -1,7 +1,9 @@
-"""LocalCheckpointer's folder protocol: complete-or-invisible saves, retention, resume checks.
+"""LocalCheckpointer's folder protocol: complete-or-invisible saves, retention, cadence, resume
+checks; and the on-disk names of accel_tp/checkpoint/format.py against the libraries that write them.
 
-The accelerator here is a small stand-in whose save_state writes files (or dies half-way): this tests
-our rename / retention logic; the real DeepSpeed save and load run in tests/test_multiprocess.py.
+The accelerator here is mostly a small stand-in whose save_state writes files (or dies half-way):
+this tests our rename / retention logic; the real DeepSpeed save and load run in
+tests/test_multiprocess.py.
 """
 
 from __future__ import annotations
@@ -11,6 +13,23 @@ from pathlib import Path
 import pytest
 
 from accel_tp.checkpoint import LocalCheckpointer, TrainState, latest_checkpoint
+from accel_tp.checkpoint.format import (
+    DS_TAG,
+    RAY_SNAPSHOT_FILE,
+    SCHEDULER_FILE,
+    TRAIN_STATE_FILE,
+    UNIVERSAL_SUFFIX,
+    model_states_file,
+    optim_states_file,
+    peek_train_state,
+    register_for_checkpointing,
+    rng_state_file,
+    step_name,
+    step_of,
+    tmp_name,
+)
+from accel_tp.errors import CheckpointError
+from accel_tp.run_folder import CHECKPOINTS_DIR
 
 
 class Crash(Exception):
@@ -33,36 +52,57 @@ class StandIn:
             (Path(path) / f"shard_{i}.pt").write_bytes(b"x" * 10)
 
 
+def save(ck: LocalCheckpointer, step: int) -> Path:
+    """One save, published: the folder it ends up in."""
+    with ck.save(step) as written:
+        assert Path(written.folder).name == tmp_name(step_name(step))  # unpublished until the block ends
+        assert not Path(written.location).exists()
+    return Path(written.location)
+
+
 def test_save_renames_complete_checkpoint(tmp_path):
     ck = LocalCheckpointer(StandIn(), TrainState(), tmp_path, None)
-    out = Path(ck.save(10, {}))
-    assert out == tmp_path / "step_00000010" and len(list(out.iterdir())) == 3
-    assert not list(tmp_path.glob(".tmp-*"))
+    out = save(ck, 10)
+    assert out == tmp_path / step_name(10) and len(list(out.iterdir())) == 3
+    assert not list(tmp_path.glob(tmp_name("*")))
 
 
 def test_interrupted_save_never_becomes_latest(tmp_path):
-    LocalCheckpointer(StandIn(), TrainState(), tmp_path, None).save(10, {})
+    save(LocalCheckpointer(StandIn(), TrainState(), tmp_path, None), 10)
     with pytest.raises(Crash):
-        LocalCheckpointer(StandIn(crash_after_files=2), TrainState(), tmp_path, None).save(20, {})
+        save(LocalCheckpointer(StandIn(crash_after_files=2), TrainState(), tmp_path, None), 20)
     # The half-written step 20 exists only under its temporary name; resume still finds step 10.
-    assert (tmp_path / ".tmp-step_00000020").is_dir()
-    assert latest_checkpoint(tmp_path) == tmp_path / "step_00000010"
+    assert (tmp_path / tmp_name(step_name(20))).is_dir()
+    assert latest_checkpoint(tmp_path) == tmp_path / step_name(10)
+    # A save whose publishing step fails (its metrics row, its report) is not published either.
+    with pytest.raises(Crash), LocalCheckpointer(StandIn(), TrainState(), tmp_path, None).save(20):
+        raise Crash("the step's metrics row could not be written")
+    assert latest_checkpoint(tmp_path) == tmp_path / step_name(10)
     # A later save of the same step replaces the leftover and completes.
-    LocalCheckpointer(StandIn(), TrainState(), tmp_path, None).save(20, {})
-    assert latest_checkpoint(tmp_path) == tmp_path / "step_00000020"
-    assert not list(tmp_path.glob(".tmp-*"))
+    save(LocalCheckpointer(StandIn(), TrainState(), tmp_path, None), 20)
+    assert latest_checkpoint(tmp_path) == tmp_path / step_name(20)
+    assert not list(tmp_path.glob(tmp_name("*")))
 
 
 def test_keep_last_prunes_oldest(tmp_path):
     ck = LocalCheckpointer(StandIn(), TrainState(), tmp_path, None, keep_last=2)
     for step in (5, 10, 15, 20):
-        ck.save(step, {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000015", "step_00000020"]
+        save(ck, step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_name(15), step_name(20)]
+
+
+def test_the_checkpointer_owns_its_cadence(tmp_path):
+    every5 = LocalCheckpointer(StandIn(), TrainState(), tmp_path, None, every_steps=5, at_end=False)
+    assert [s for s in range(1, 13) if every5.should_save(s, last=s == 12)] == [5, 10]
+    at_end = LocalCheckpointer(StandIn(), TrainState(), tmp_path, None, every_steps=0, at_end=True)
+    assert [s for s in range(1, 13) if at_end.should_save(s, last=s == 12)] == [12]
+    both = LocalCheckpointer(StandIn(), TrainState(), tmp_path, None, every_steps=5, at_end=True)
+    assert [s for s in range(1, 13) if both.should_save(s, last=s == 12)] == [5, 10, 12]
 
 
 def test_resume_from_missing_folder_is_clear(tmp_path):
     ck = LocalCheckpointer(StandIn(), TrainState(), tmp_path, str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="checkpoint.resume_from"):
+    with pytest.raises(CheckpointError, match="checkpoint.resume_from: no checkpoint folder"):
         ck.load()
 
 
@@ -71,10 +111,10 @@ def test_resume_latest_with_nothing_saved_starts_fresh(tmp_path):
 
 
 def test_resume_from_outside_the_run_needs_opt_in(tmp_path):
-    other = tmp_path / "elsewhere" / "step_00000010"
+    other = tmp_path / "elsewhere" / step_name(10)
     other.mkdir(parents=True)
-    ck = LocalCheckpointer(StandIn(), TrainState(), tmp_path / "run" / "checkpoints", str(other))
-    with pytest.raises(PermissionError, match="allow_external_resume"):
+    ck = LocalCheckpointer(StandIn(), TrainState(), tmp_path / "run" / CHECKPOINTS_DIR, str(other))
+    with pytest.raises(CheckpointError, match="allow_external_resume"):
         ck.precheck()
     trusted = LocalCheckpointer(StandIn(), TrainState(), tmp_path / "run", str(other), allow_external=True)
     assert trusted._resume_path() == other
@@ -90,51 +130,51 @@ def _remote_checkpoint(tmp_path: Path, step: int = 6):
     import ray.train
     import torch
 
-    name = f"step_{step:08d}"
+    name = step_name(step)
     src = tmp_path / "bucket" / name
-    (src / "pytorch_model").mkdir(parents=True)
-    torch.save(TrainState(step=step, samples=step * 4).state_dict(), src / "custom_checkpoint_0.pkl")
-    (src / "pytorch_model" / "shard.pt").write_bytes(b"w" * 1_000_000)
+    (src / DS_TAG).mkdir(parents=True)
+    torch.save(TrainState(step=step, samples=step * 4).state_dict(), src / TRAIN_STATE_FILE)
+    (src / DS_TAG / "shard.pt").write_bytes(b"w" * 1_000_000)
     fs = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"), pyarrow.fs.LocalFileSystem())
     return ray.train.Checkpoint(name, filesystem=fs)
 
 
 def test_remote_train_state_is_read_in_place(tmp_path):
-    from accel_tp.checkpoint import _is_local, _peek_ray_train_state
+    from accel_tp.checkpoint.ray import is_local, peek_ray_train_state
 
     ckpt = _remote_checkpoint(tmp_path)
-    assert not _is_local(ckpt)
-    assert _peek_ray_train_state(ckpt)["step"] == 6
-    (tmp_path / "bucket" / "step_00000006" / "custom_checkpoint_0.pkl").unlink()
-    assert _peek_ray_train_state(ckpt) is None  # check_resume then says "not an accel-tp checkpoint"
+    assert not is_local(ckpt)
+    assert peek_ray_train_state(ckpt)["step"] == 6
+    (tmp_path / "bucket" / step_name(6) / TRAIN_STATE_FILE).unlink()
+    assert peek_ray_train_state(ckpt) is None  # check_resume then says "not an accel-tp checkpoint"
 
 
 def test_remote_download_is_complete_or_absent_and_never_rewritten(tmp_path):
     """A worker that comes second reuses the node's complete download: the files an earlier worker
     is reading are not written again (Checkpoint.as_directory downloads again in place)."""
-    from accel_tp.checkpoint import _download_once
+    from accel_tp.checkpoint.ray import download_once
 
     ckpt = _remote_checkpoint(tmp_path)
-    folder = tmp_path / "node" / "step_00000006"
-    _download_once(ckpt, folder)
-    shard = folder / "pytorch_model" / "shard.pt"
+    folder = tmp_path / "node" / step_name(6)
+    download_once(ckpt, folder)
+    shard = folder / DS_TAG / "shard.pt"
     assert shard.read_bytes() == b"w" * 1_000_000
     before = [(p, p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))]
-    _download_once(ckpt, folder)
+    download_once(ckpt, folder)
     assert [(p, p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))] == before
-    assert [p.name for p in folder.parent.iterdir()] == ["step_00000006"]  # no temporary left
+    assert [p.name for p in folder.parent.iterdir()] == [step_name(6)]  # no temporary left
 
 
 def _download_in_process(args: tuple[str, str]) -> int:
     import pyarrow.fs
     import ray.train
 
-    from accel_tp.checkpoint import _download_once
+    from accel_tp.checkpoint.ray import download_once
 
     bucket, folder = args
     fs = pyarrow.fs.SubTreeFileSystem(bucket, pyarrow.fs.LocalFileSystem())
-    _download_once(ray.train.Checkpoint("step_00000006", filesystem=fs), Path(folder))
-    return len((Path(folder) / "pytorch_model" / "shard.pt").read_bytes())
+    download_once(ray.train.Checkpoint(step_name(6), filesystem=fs), Path(folder))
+    return len((Path(folder) / DS_TAG / "shard.pt").read_bytes())
 
 
 def test_concurrent_downloads_sharing_a_tmp_all_see_the_whole_checkpoint(tmp_path):
@@ -143,8 +183,79 @@ def test_concurrent_downloads_sharing_a_tmp_all_see_the_whole_checkpoint(tmp_pat
     import multiprocessing
 
     _remote_checkpoint(tmp_path)
-    folder = tmp_path / "node" / "step_00000006"
+    folder = tmp_path / "node" / step_name(6)
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         sizes = pool.map(_download_in_process, [(str(tmp_path / "bucket"), str(folder))] * 3)
     assert sizes == [1_000_000] * 3
-    assert [p.name for p in folder.parent.iterdir()] == ["step_00000006"]
+    assert [p.name for p in folder.parent.iterdir()] == [step_name(6)]
+
+
+# --- The on-disk names ------------------------------------------------------------------------------
+
+
+def test_step_names_round_trip_and_sort_by_step():
+    assert [step_of(step_name(s)) for s in (0, 7, 12345678)] == [0, 7, 12345678]
+    assert sorted(step_name(s) for s in (100, 20, 3)) == [step_name(s) for s in (3, 20, 100)]
+    # Neither a save in progress nor a universal conversion is a step.
+    assert step_of(tmp_name(step_name(5))) is None and step_of(step_name(5) + UNIVERSAL_SUFFIX) is None
+
+
+def test_train_state_is_the_file_accelerate_writes_it_to(tmp_path):
+    """A real Accelerator's save_state writes the registered objects in registration order: the train
+    state lands in TRAIN_STATE_FILE, the scheduler in SCHEDULER_FILE, and load_state brings both back."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    acc = Accelerator(cpu=True)
+    try:
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5**s)
+        state = TrainState(step=7, samples=28, tokens=99)
+        register_for_checkpointing(acc, state, scheduler)
+        for _ in range(3):
+            optimizer.step()
+            scheduler.step()
+        acc.save_state(str(tmp_path))
+        assert {TRAIN_STATE_FILE, SCHEDULER_FILE, rng_state_file(0)} <= {p.name for p in tmp_path.iterdir()}
+        assert peek_train_state(tmp_path)["step"] == 7
+        assert torch.load(tmp_path / SCHEDULER_FILE, weights_only=False)["last_epoch"] == 3
+        state.step, state.samples, state.tokens = 0, 0, 0
+        optimizer.step()
+        scheduler.step()
+        acc.load_state(str(tmp_path))
+        assert (state.step, state.samples, state.tokens, scheduler.last_epoch) == (7, 28, 99, 3)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_deepspeed_and_ray_names_are_the_libraries_own():
+    """format.py spells DeepSpeed's and Ray's file names (importing them would load DeepSpeed, or a
+    private Ray module); here they are checked against the installed libraries: DeepSpeed's engine
+    names its files through these methods (called with a stand-in for the engine)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine as Engine
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    def engine(zero3: bool) -> SimpleNamespace:
+        return SimpleNamespace(
+            checkpoint_mp_rank=3,
+            zero_optimization_partition_weights=lambda: zero3,
+            _get_zero_ckpt_prefix=lambda dp_rank, bf16_mode: Engine._get_zero_ckpt_prefix(
+                None, dp_rank, bf16_mode
+            ),
+        )
+
+    def name(path: str) -> str:
+        tag, file = Path(path).parts[-2:]
+        assert tag == DS_TAG
+        return file
+
+    assert name(Engine._get_ckpt_name(engine(False), "", DS_TAG)) == model_states_file(3)
+    assert name(Engine._get_ckpt_name(engine(True), "", DS_TAG, pp_placeholder=1)) == model_states_file(3, 1)
+    for bf16 in (False, True):
+        got = Engine._get_rank_zero_ckpt_name(engine(False), "", DS_TAG, 3, 1, bf16)
+        assert name(got) == optim_states_file(1, 3, bf16=bf16)
+    assert RAY_SNAPSHOT_FILE == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME

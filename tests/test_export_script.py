@@ -13,9 +13,18 @@ import pytest
 import torch
 
 from accel_tp.checkpoint import RUN_CONFIG_FILE, LocalCheckpointer, TrainState
+from accel_tp.checkpoint.format import (
+    DS_TAG,
+    STEP_NAME_PATTERN,
+    TRAIN_STATE_FILE,
+    model_states_file,
+    step_name,
+    tmp_name,
+)
 from accel_tp.cli import main_export as main
 from accel_tp.config import load_config
 from accel_tp.export import inspect_checkpoint
+from accel_tp.run_folder import CHECKPOINTS_DIR
 
 from .mp_utils import TINY
 
@@ -26,17 +35,15 @@ def fake_checkpoint(
     path: Path, model: str = TINY_MODEL, tp: int = 2, files: int | None = None, bf16: bool = False
 ) -> Path:
     """A folder with what inspect_checkpoint reads: the train state and the rank files' metadata."""
-    (path / "pytorch_model").mkdir(parents=True)
-    torch.save(
-        TrainState(step=4, model=model, layout=f"tp{tp}xdp2").state_dict(), path / "custom_checkpoint_0.pkl"
-    )
+    (path / DS_TAG).mkdir(parents=True)
+    torch.save(TrainState(step=4, model=model, layout=f"tp{tp}xdp2").state_dict(), path / TRAIN_STATE_FILE)
     meta = {
         "module": {},
         "mp_world_size": tp,
         "ds_config": {"tensor_parallel": {"autotp_size": tp}, "bf16": {"enabled": bf16}},
     }
     for r in range(tp if files is None else files):
-        torch.save(meta, path / "pytorch_model" / f"mp_rank_{r:02d}_model_states.pt")
+        torch.save(meta, path / DS_TAG / model_states_file(r))
     return path
 
 
@@ -60,17 +67,22 @@ def test_checkpoint_records_the_run_config(tmp_path):
         def save_state(self, path: str) -> None:
             (Path(path) / "model.bin").write_bytes(b"x")
 
+    def save(ck: LocalCheckpointer, step: int) -> Path:
+        with ck.save(step) as written:
+            pass
+        return Path(written.location)
+
     cfg = load_config(TINY, ["train.max_steps=70"])
-    out = Path(LocalCheckpointer(Acc(), TrainState(), tmp_path, None, run_config=cfg.to_dict()).save(3, {}))
+    out = save(LocalCheckpointer(Acc(), TrainState(), tmp_path, None, run_config=cfg.to_dict()), 3)
     assert load_config(out / RUN_CONFIG_FILE) == cfg
     # Without a run config the folder holds only what save_state writes (the old behaviour).
     assert sorted(
-        p.name for p in Path(LocalCheckpointer(Acc(), TrainState(), tmp_path, None).save(4, {})).iterdir()
+        p.name for p in save(LocalCheckpointer(Acc(), TrainState(), tmp_path, None), 4).iterdir()
     ) == ["model.bin"]
 
 
 def test_inspect_reads_tp_size_and_dtype_without_weights(tmp_path):
-    info = inspect_checkpoint(fake_checkpoint(tmp_path / "step_00000004", tp=4, bf16=True))
+    info = inspect_checkpoint(fake_checkpoint(tmp_path / step_name(4), tp=4, bf16=True))
     assert (info.tp_size, info.dtype, info.train_state["step"], info.run_config) == (
         4,
         torch.bfloat16,
@@ -85,24 +97,24 @@ def test_not_a_checkpoint_names_the_fix(tmp_path, capsys):
     err = export_error(
         capsys, ["--checkpoint", str(empty), "--out", str(tmp_path / "o"), "--config", str(TINY)]
     )
-    assert "is not an accel-tp checkpoint" in err and "step_NNNNNNNN" in err
+    assert "is not an accel-tp checkpoint" in err and STEP_NAME_PATTERN in err
     # A run folder: the error names its newest checkpoint.
     run = tmp_path / "run"
     for step in (10, 20):
-        fake_checkpoint(run / "checkpoints" / f"step_{step:08d}")
+        fake_checkpoint(run / CHECKPOINTS_DIR / step_name(step))
     err = export_error(capsys, ["--checkpoint", str(run), "--out", str(tmp_path / "o")])
-    assert f"--checkpoint {run / 'checkpoints' / 'step_00000020'}" in err
+    assert f"--checkpoint {run / CHECKPOINTS_DIR / step_name(20)}" in err
     # An unfinished local save, and a checkpoint missing a TP rank's file.
-    tmp = fake_checkpoint(tmp_path / ".tmp-step_00000030")
+    tmp = fake_checkpoint(tmp_path / tmp_name(step_name(30)))
     assert "unfinished save" in export_error(capsys, ["--checkpoint", str(tmp), "--out", str(tmp_path / "o")])
-    part = fake_checkpoint(tmp_path / "step_00000040", files=1)
+    part = fake_checkpoint(tmp_path / step_name(40), files=1)
     err = export_error(capsys, ["--checkpoint", str(part), "--out", str(tmp_path / "o")])
-    assert "incomplete" in err and "mp_rank_01_model_states.pt" in err
+    assert "incomplete" in err and model_states_file(1) in err
     assert not (tmp_path / "o").exists()
 
 
 def test_out_dir_not_empty_needs_overwrite(tmp_path, capsys):
-    ckpt = fake_checkpoint(tmp_path / "step_00000004")
+    ckpt = fake_checkpoint(tmp_path / step_name(4))
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -115,7 +127,7 @@ def test_out_dir_not_empty_needs_overwrite(tmp_path, capsys):
 
 
 def test_missing_config_and_other_model(tmp_path, capsys, cache):
-    ckpt = fake_checkpoint(tmp_path / "step_00000004", model="qwen2:151936-896-4864-24-14:kv2")
+    ckpt = fake_checkpoint(tmp_path / step_name(4), model="qwen2:151936-896-4864-24-14:kv2")
     out = str(tmp_path / "hf")
     err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", out])
     assert "does not record its run config" in err and "--config" in err

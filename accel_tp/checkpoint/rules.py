@@ -1,0 +1,165 @@
+"""What may be resumed, and from where: pure functions of a checkpoint's train state, this run's, and
+the run folder. Each refusal is a CheckpointError (a user error: one line, exit 2) raised before
+anything is loaded or written.
+
+A checkpoint of another model, data or global batch is refused. Another tp x dp layout or ZeRO stage
+is accepted and resharded through DeepSpeed's universal checkpoint (`reshard_plan` says how; see
+universal.py), except to or from ZeRO-0 and ZeRO-3 (`check_resume` says why).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from ..run_folder import CHECKPOINTS_DIR, METRICS_FILE
+from .format import TRAIN_STATE_FILE, TrainState, latest_checkpoint, step_of, steps_under
+
+__all__ = ["check_resume", "reshard_plan", "check_run_folder", "local_resume_path"]
+
+
+def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) -> None:
+    """Refuse, before anything is loaded, a checkpoint of another model, data or global batch.
+
+    Another tp x dp layout or ZeRO stage is accepted: the load reshards it (see reshard_plan).
+    """
+    if saved is None:
+        raise CheckpointError(
+            f"{where}: not an accel-tp checkpoint (no {TRAIN_STATE_FILE} with the train state)."
+        )
+    plan = reshard_plan(saved, current)
+    stages = (_stage(saved.get("zero_stage")), _stage(current.zero_stage))
+    if plan and 0 in stages:
+        # DeepSpeed 0.19.8. From ZeRO-0: its checkpoint keeps each TP rank's whole torch optimizer
+        # state in the mp_rank model-state files and writes no ZeRO partition files, the only
+        # optimizer files the converter reads (deepspeed/checkpoint/ds_to_universal.py
+        # _get_optim_files: "can't find *_optim_states.pt files"). To ZeRO-0: a universal load
+        # assumes a ZeRO optimizer; a ZeRO-0 engine skips the module weights under it
+        # (runtime/engine.py _load_checkpoint, left to the ZeRO optimizer's universal loader), then
+        # hands torch AdamW the mp_rank file's 'optimizer' entry, None in a ZeRO checkpoint
+        # (AttributeError 'NoneType' object has no attribute 'copy'), and would call
+        # optimizer.update_lp_params(), which torch AdamW lacks.
+        raise CheckpointError(
+            f"{where}: resharding {plan} is not supported: DeepSpeed's universal checkpoint neither "
+            "reads a ZeRO-0 checkpoint (it has no *_optim_states.pt partition files; ds_to_universal.py "
+            "_get_optim_files) nor loads into a ZeRO-0 engine (engine.py _load_checkpoint hands torch "
+            "AdamW no state). Resume with the checkpoint's deepspeed.zero_stage and parallelism.tp_size "
+            "(at ZeRO-0 dp_size may differ: every DP rank holds the whole state of its TP rank), or start "
+            "a new run from its weights (checkpoint.export_hf, model.name_or_path)."
+        )
+    if plan and 3 in stages:
+        # Resharding is tested for ZeRO-1/2 (DeepSpeed's ds_to_universal merges their optimizer
+        # partitions); ZeRO-3 keeps the weights in its own partition files, which that path has not
+        # been checked on: refuse rather than continue a different model.
+        raise CheckpointError(
+            f"{where}: resharding {plan} is not supported yet (to or from ZeRO-3); resume with the "
+            "checkpoint's parallelism.tp_size / dp_size and deepspeed.zero_stage."
+        )
+    if saved.get("model") and current.model and saved["model"] != current.model:
+        raise CheckpointError(
+            f"{where}: checkpoint is of another model ({saved['model']}), this run builds {current.model}. "
+            "Point the resume at a checkpoint of this model, or change model.* back."
+        )
+    if saved.get("data") and current.data and saved["data"] != current.data:
+        raise CheckpointError(
+            f"{where}: checkpoint was trained on other data or another data order (fingerprint "
+            f"{saved['data']}, this run {current.data}: data.source / files / split / percentage / "
+            "seq_length / packing / min_tokens, the tokenizer, run.seed or data.shuffle differ). Resume "
+            "with the data settings it was trained with, or start a new run.name."
+        )
+    gbs = saved.get("global_batch_size", 0)
+    if gbs and gbs != current.global_batch_size:
+        raise CheckpointError(
+            f"{where}: checkpoint was trained with a global batch of {gbs} sequences, this run has "
+            f"{current.global_batch_size} (micro_batch_size x grad_accum_steps x dp_size); the data "
+            "position would not line up. Resume with the same batch settings."
+        )
+
+
+def _stage(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _describe(layout: str, stage: int | None) -> str:
+    return f"{layout or '?'} ZeRO-{stage}" if stage is not None else (layout or "?")
+
+
+def _tp_of(layout: str) -> str:
+    return layout.partition("xdp")[0]
+
+
+def reshard_plan(saved: dict[str, Any], current: TrainState) -> str | None:
+    """'tp2xdp2 ZeRO-1 -> tp1xdp4 ZeRO-2' when the checkpoint's layout or ZeRO stage differs from
+    this run's (it must then be loaded as a universal checkpoint), None when it loads natively.
+    A field either side did not record (old checkpoints: no zero_stage) counts as the same.
+    ZeRO-0 on both sides with the same tp_size loads natively whatever the dp sizes: every DP rank
+    holds the whole model and optimizer state of its TP rank, saved once per TP rank (the mp_rank
+    model-state files), and DeepSpeed checks the saved DP size only for ZeRO partitions."""
+    s_layout, c_layout = saved.get("layout") or "", current.layout
+    s_stage, c_stage = _stage(saved.get("zero_stage")), _stage(current.zero_stage)
+    layout_differs = bool(s_layout and c_layout and s_layout != c_layout)
+    stage_differs = s_stage is not None and c_stage is not None and s_stage != c_stage
+    if layout_differs and s_stage == 0 and c_stage == 0 and _tp_of(s_layout) == _tp_of(c_layout):
+        layout_differs = False
+    if not (layout_differs or stage_differs):
+        return None
+    return f"{_describe(s_layout, s_stage)} -> {_describe(c_layout, c_stage)}"
+
+
+def local_resume_path(resume_from: str | None, root: str | os.PathLike, allow_external: bool) -> Path | None:
+    """The folder an `accelerate launch` run resumes from (None: a fresh start). `root`: the run's
+    checkpoint folder; "latest" is its newest checkpoint (None if it has none)."""
+    if not resume_from:
+        return None
+    root = Path(root)
+    if resume_from == "latest":
+        return latest_checkpoint(root)
+    path = Path(resume_from)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume_from: no checkpoint folder {str(path)!r}.")
+    if not allow_external and not path.resolve().is_relative_to(root.resolve()):
+        # torch.load unpickles: a checkpoint can run code. Only this run's own are trusted.
+        raise CheckpointError(
+            f"checkpoint.resume_from: {str(path)!r} is outside this run's checkpoint folder "
+            f"{str(root)!r}. Loading a checkpoint unpickles it (it can run code); if you trust it, "
+            "set checkpoint.allow_external_resume: true."
+        )
+    return path
+
+
+def check_run_folder(run_dir: str | os.PathLike, resume_from: str | None, run_name: str) -> None:
+    """An `accelerate launch` run never writes over what an earlier run of the same name saved.
+
+    A fresh start (no resume) is refused when the run folder already holds checkpoints or
+    metrics; a resume from an older checkpoint than the run's newest is refused too, since
+    continuing from it would overwrite (and prune) the newer ones.
+    """
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    steps = sorted(steps_under(checkpoints))
+    metrics = run_dir / METRICS_FILE
+    has_metrics = metrics.is_file() and metrics.stat().st_size > 0
+    if not resume_from and (steps or has_metrics):
+        what = f"checkpoints up to {steps[-1][1].name}" if steps else METRICS_FILE
+        raise CheckpointError(
+            f"run.name: {run_name!r} already exists in {str(run_dir)!r} ({what}); a fresh run would "
+            "overwrite it. Continue it with --resume latest (checkpoint.resume_from: latest), or pick "
+            "a new run.name."
+        )
+    if resume_from and not steps and has_metrics:
+        raise CheckpointError(
+            f"checkpoint.resume_from: {run_name!r} in {str(run_dir)!r} has metrics but no checkpoint to "
+            "resume from; pick a new run.name (or remove that folder)."
+        )
+    if resume_from and resume_from != "latest" and steps:
+        path = Path(resume_from).resolve()
+        at = step_of(path.name)
+        newer = [p.name for s, p in steps if p.resolve() != path and s > (-1 if at is None else at)]
+        if path.is_relative_to(checkpoints.resolve()) and newer:
+            raise CheckpointError(
+                f"checkpoint.resume_from: {path.name} is older than this run's newest checkpoints "
+                f"({', '.join(newer[-3:])}), which continuing from it would overwrite. Resume with "
+                "--resume latest, or start a new run.name from it (with checkpoint.allow_external_resume)."
+            )
