@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from accel_tp.checkpoint.format import step_name
 from accel_tp.config import load_config
+from accel_tp.export import EXPORT_CHECK_FILE
+from accel_tp.run_folder import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_FILE
 
 from .mp_utils import ROOT, accelerate_launch, read_metrics, run
 from .reference_chat import label_by_characters, reference_chat_run
@@ -75,7 +78,7 @@ def runs(tmp_path_factory, cache):
             run_dir = out / str(ov["run.name"])
             done[name] = {
                 "dir": run_dir,
-                "metrics": read_metrics(run_dir / "metrics.jsonl"),
+                "metrics": read_metrics(run_dir / METRICS_FILE),
                 "stdout": proc.stdout,
             }
         return done[name]
@@ -125,7 +128,7 @@ def test_export_carries_the_chat_template(runs, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    export = runs("tp2xdp2")["dir"] / "hf"
+    export = runs("tp2xdp2")["dir"] / EXPORT_DIR
     template = load_config(SFT).model.chat_template
     tok = AutoTokenizer.from_pretrained(export)
     assert tok.chat_template == template
@@ -138,13 +141,13 @@ def test_export_carries_the_chat_template(runs, tmp_path):
     )
     assert tok.decode([t for t in labels if t != -100]) == "Hello." + MARKER
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-    check = torch.load(export / "export_check.pt")
+    check = torch.load(export / EXPORT_CHECK_FILE)
     with torch.no_grad():
         assert model(**check["batch"]).loss.item() == pytest.approx(check["loss"], rel=1e-6)
 
     # scripts/export_hf.py from the run's checkpoint writes the same template.
     out = tmp_path / "exported"
-    ckpt = runs("tp2xdp2")["dir"] / "checkpoints" / f"step_{STEPS:08d}"
+    ckpt = runs("tp2xdp2")["dir"] / CHECKPOINTS_DIR / step_name(STEPS)
     proc = run(
         [sys.executable, str(ROOT / "scripts" / "export_hf.py"), "--checkpoint", str(ckpt), "--out", str(out)]
     )

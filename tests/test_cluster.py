@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from accel_tp.checkpoint.format import DS_TAG, TRAIN_STATE_FILE, model_states_file, step_name
 from accel_tp.config import load_config
+from accel_tp.run_folder import EXPORT_DIR, METRICS_FILE, PLOT_FILE
 
 from .mp_utils import ROOT, TINY, _env, set_args
 from .reference import reference_run
@@ -212,13 +214,14 @@ def test_the_run_folder_lands_in_the_bucket(s3_run, s3, reference):
     _, client = s3
     prefix = f"runs/{s3_run['ov']['run.name']}/"
     got = objects(client, prefix)
-    for name in ("step_00000003/custom_checkpoint_0.pkl", "step_00000006/pytorch_model/mp_rank_01_model_states.pt",
-                 "metrics.jsonl", "loss.png", "hf/model.safetensors", "hf/config.json", "hf/tokenizer.json"):  # fmt: skip
+    for name in (f"{step_name(3)}/{TRAIN_STATE_FILE}", f"{step_name(6)}/{DS_TAG}/{model_states_file(1)}",
+                 METRICS_FILE, PLOT_FILE, f"{EXPORT_DIR}/model.safetensors", f"{EXPORT_DIR}/config.json",
+                 f"{EXPORT_DIR}/tokenizer.json"):  # fmt: skip
         assert got.get(name, 0) > 0, f"{name} missing from s3://{BUCKET}/{prefix}: {sorted(got)}"
     assert any(k.split("/")[-1].startswith("events.out.tfevents") and v > 0 for k, v in got.items()), sorted(
         got
     )
-    rows = [json.loads(x) for x in read_object(client, prefix + "metrics.jsonl").decode().splitlines()]
+    rows = [json.loads(x) for x in read_object(client, prefix + METRICS_FILE).decode().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert_close(losses(rows), reference[:6])
     assert "plot: s3://" in s3_run["text"] and "export: s3://" in s3_run["text"]
@@ -233,28 +236,28 @@ def test_resume_and_export_read_from_the_bucket(s3_run, cluster, s3, reference, 
     proc = train_ray(cluster, ov, env)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-6000:]
-    assert "resuming it from its latest checkpoint (step_00000006)" in text
+    assert f"resuming it from its latest checkpoint ({step_name(6)})" in text
     assert "tokenizing" not in text  # the cache the first run published, read by every node
     assert "steps=6->9" in text
     prefix = f"runs/{ov['run.name']}/"
-    rows = [json.loads(x) for x in read_object(client, prefix + "metrics.jsonl").decode().splitlines()]
+    rows = [json.loads(x) for x in read_object(client, prefix + METRICS_FILE).decode().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 10))
     assert_close(losses(rows), reference[:9])
 
     out = f"s3://{BUCKET}/exports/step9"
     cmd = [sys.executable, str(ROOT / "scripts" / "export_hf.py"),
-           "--checkpoint", f"s3://{BUCKET}/{prefix}step_00000009", "--out", out]  # fmt: skip
+           "--checkpoint", f"s3://{BUCKET}/{prefix}{step_name(9)}", "--out", out]  # fmt: skip
     exp = subprocess.run(cmd, cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True, timeout=600)
     assert exp.returncode == 0, (exp.stdout + exp.stderr)[-4000:]
     from safetensors.torch import load
 
     a = load(read_object(client, "exports/step9/model.safetensors"))
-    b = load(read_object(client, prefix + "hf/model.safetensors"))
+    b = load(read_object(client, f"{prefix}{EXPORT_DIR}/model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     # An unregistered or absent checkpoint in the bucket is refused, naming what to pass.
-    bad = subprocess.run([*cmd[:3], f"s3://{BUCKET}/{prefix}step_00000005", "--out", str(tmp_path / "x")],
+    bad = subprocess.run([*cmd[:3], f"s3://{BUCKET}/{prefix}{step_name(5)}", "--out", str(tmp_path / "x")],
                          cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert bad.returncode == 2 and "never registered" in bad.stderr and "step_00000009" in bad.stderr
+    assert bad.returncode == 2 and "never registered" in bad.stderr and step_name(9) in bad.stderr
 
 
 @pytest.mark.parametrize("where", ["unreachable endpoint", "no such bucket"])
@@ -352,11 +355,11 @@ def test_a_lost_node_continues_on_fewer_workers_with_the_same_losses(cluster, ca
     assert removed is not None, "the run ended before its node could be removed"
     assert "down to 2 workers (ray.min_workers" in text
     assert "elastic: 2 of 4 workers: tp2 x dp1, grad_accum_steps 2 -> 4 (global batch 8 kept)" in text
-    assert "resharding checkpoint step_00000004: tp2xdp2 ZeRO-1 -> tp2xdp1 ZeRO-1" in text
+    assert f"resharding checkpoint {step_name(4)}: tp2xdp2 ZeRO-1 -> tp2xdp1 ZeRO-1" in text
     assert "steps=4->12" in text
     rows = [
         json.loads(x)
-        for x in (tmp_path / "ray" / str(ov["run.name"]) / "metrics.jsonl").read_text().splitlines()
+        for x in (tmp_path / "ray" / str(ov["run.name"]) / METRICS_FILE).read_text().splitlines()
     ]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert_close(losses(rows), reference, rtol=1e-5)

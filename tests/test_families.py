@@ -23,6 +23,7 @@ import torch
 
 from accel_tp.config import ConfigError, ModelSection, config_from_dict, load_config
 from accel_tp.env import free_port
+from accel_tp.export import EXPORT_CHECK_FILE
 from accel_tp.families import (
     HOW_AUTO,
     HOW_DERIVED,
@@ -34,6 +35,7 @@ from accel_tp.families import (
     tensor_parallel_block,
     to_regex,
 )
+from accel_tp.run_folder import EXPORT_DIR, METRICS_FILE
 
 from .mp_utils import ROOT, TINY, read_metrics, run, set_args
 from .reference import reference_run
@@ -205,7 +207,7 @@ def _runs(zoo, tp: int, tmp_path_factory) -> dict[str, dict]:
         done[key] = {
             "overrides": ov,
             "dir": run_dir,
-            "metrics": read_metrics(run_dir / "metrics.jsonl") if key not in expect_error else [],
+            "metrics": read_metrics(run_dir / METRICS_FILE) if key not in expect_error else [],
             "shards": json.loads((run_dir / "shards.json").read_text()),
             "error": (run_dir / "error.txt").read_text() if key in expect_error else None,
         }
@@ -305,9 +307,9 @@ def test_tp2_export_logits(tp2_runs, family):
     model's logits and loss on a training batch."""
     from transformers import AutoModelForCausalLM
 
-    export = tp2_runs[family]["dir"] / "hf"
+    export = tp2_runs[family]["dir"] / EXPORT_DIR
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-    check = torch.load(export / "export_check.pt")
+    check = torch.load(export / EXPORT_CHECK_FILE)
     with torch.no_grad():
         out = model(**check["batch"])
     assert out.loss.item() == pytest.approx(check["loss"], rel=1e-6)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from accel_tp.checkpoint.format import step_name
+from accel_tp.export import EXPORT_CHECK_FILE
+from accel_tp.run_folder import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_FILE
+
 from .mp_utils import accelerate_launch, read_metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -28,10 +32,10 @@ def test_bf16_training_on_one_gpu(tmp_path):
     }
     proc = accelerate_launch(1, ov)
     assert proc.returncode == 0
-    metrics = read_metrics(tmp_path / "tiny-tp2-dp2" / "metrics.jsonl")
+    metrics = read_metrics(tmp_path / "tiny-tp2-dp2" / METRICS_FILE)
     assert "precision=bf16" in proc.stdout
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
-    assert (tmp_path / "tiny-tp2-dp2" / "checkpoints" / "step_00000030").is_dir()
+    assert (tmp_path / "tiny-tp2-dp2" / CHECKPOINTS_DIR / step_name(30)).is_dir()
 
 
 def _losses(tmp_path, name: str, extra: dict[str, object]) -> list[float]:
@@ -63,7 +67,7 @@ def _losses(tmp_path, name: str, extra: dict[str, object]) -> list[float]:
         assert "[accel-tp] speed levers: Liger (fused linear cross-entropy" in proc.stdout
     if extra.get("model.compile"):
         assert "compiled 4 decoder layers" in proc.stdout
-    return [m["loss"] for m in read_metrics(tmp_path / name / "metrics.jsonl")]
+    return [m["loss"] for m in read_metrics(tmp_path / name / METRICS_FILE)]
 
 
 def test_liger_and_compile_keep_the_losses(tmp_path):
@@ -169,8 +173,8 @@ def test_fused_loss_run_evaluates_and_exports(tmp_path):
     proc = accelerate_launch(1, ov)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "[accel-tp] speed levers: Liger (fused linear cross-entropy" in proc.stdout
-    assert "eval_loss" in read_metrics(tmp_path / "liger-export" / "metrics.jsonl")[-1]
-    check = torch.load(tmp_path / "liger-export" / "hf" / "export_check.pt")
+    assert "eval_loss" in read_metrics(tmp_path / "liger-export" / METRICS_FILE)[-1]
+    check = torch.load(tmp_path / "liger-export" / EXPORT_DIR / EXPORT_CHECK_FILE)
     assert check["logits"].shape[:2] == check["batch"]["input_ids"].shape
 
 

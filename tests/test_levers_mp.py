@@ -8,6 +8,7 @@ import re
 import pytest
 
 from accel_tp.config import load_config
+from accel_tp.run_folder import COMPILE_CACHE_DIR, METRICS_FILE
 
 from . import faults
 from .mp_utils import TINY, accelerate_launch, read_metrics
@@ -37,7 +38,7 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path, monkeypatch):
         "[accel-tp] speed levers: compiled 4 decoder layers" in first.stdout
     )  # engaged, not just configured
     assert "compile cache: none loaded for this rank" in first.stdout
-    saved = sorted(p.name for p in (tmp_path / "runs" / "compiled" / "compile_cache").iterdir())
+    saved = sorted(p.name for p in (tmp_path / "runs" / "compiled" / COMPILE_CACHE_DIR).iterdir())
     # The training graphs after the first step; the evaluation's (step 20, before the failing save)
     # after the first evaluation.
     assert saved == ["rank_00000.bin", "rank_00000.eval.bin", "rank_00001.bin", "rank_00001.eval.bin"]
@@ -60,7 +61,7 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path, monkeypatch):
     )
     assert evals and evals[1] == evals[2] and evals[3] == evals[4] == compiled[2], second.stdout[-3000:]
 
-    got = [m["loss"] for m in read_metrics(tmp_path / "runs" / "compiled" / "metrics.jsonl")]
+    got = [m["loss"] for m in read_metrics(tmp_path / "runs" / "compiled" / METRICS_FILE)]
     ref_ov = {**base_overrides(cache, tmp_path / "ref"), **layout(1, 1)}
     want = reference_losses(load_config(TINY, [f"{k}={v}" for k, v in ref_ov.items()]), GLOBAL_BATCH)[0]
     assert_close(got, want)

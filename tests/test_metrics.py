@@ -8,6 +8,7 @@ from accel_tp.config import config_from_dict
 from accel_tp.metrics import flat_config as _flat_config
 from accel_tp.metrics import flops_per_token, plot_losses
 from accel_tp.model import architecture_config
+from accel_tp.run_folder import METRICS_FILE, PLOT_FILE
 
 
 def test_flops_per_token_formula():
@@ -26,9 +27,9 @@ def test_flat_config_is_scalar_and_complete():
 
 
 def test_plot_losses_writes_png(tmp_path):
-    path = tmp_path / "metrics.jsonl"
+    path = tmp_path / METRICS_FILE
     rows = [{"step": s, "loss": 9 - s / 10, "tokens_seen": 100 * s} for s in range(1, 21)]
     rows[-1]["eval_loss"] = 7.5
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = plot_losses(path, tmp_path / "loss.png")
+    out = plot_losses(path, tmp_path / PLOT_FILE)
     assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,8 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from accel_tp.checkpoint.format import DS_TAG, TRAIN_STATE_FILE, model_states_file, step_name
 from accel_tp.config import load_config
 from accel_tp.env import RAY_POLL_ENV
+from accel_tp.export import EXPORT_CHECK_FILE
+from accel_tp.run_folder import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_FILE, PLOT_FILE
 
 from .mp_utils import ROOT, TINY, accelerate_launch, read_metrics, run, set_args, torchrun
 from .reference import reference_run as run_reference
@@ -84,7 +87,7 @@ def runs(tmp_path_factory, cache):
             run_dir = out / str(ov["run.name"])
             done[key] = {
                 "dir": run_dir,
-                "metrics": read_metrics(run_dir / "metrics.jsonl"),
+                "metrics": read_metrics(run_dir / METRICS_FILE),
                 "stdout": proc.stdout,
             }
         return done[key]
@@ -155,7 +158,7 @@ def test_parity_with_single_process_reference(runs, reference, reference_full, t
     assert_close(losses(got["metrics"]), reference)
     assert_close([m["grad_norm"] for m in got["metrics"]], reference_full["grad_norms"], GRAD_NORM_RTOL)
     # The run's outputs: the plot, TensorBoard events (Accelerate tracker), the summary line.
-    assert (got["dir"] / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (got["dir"] / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
     assert list(got["dir"].rglob("events.out.tfevents.*")), "no TensorBoard files in the run folder"
     assert "[accel-tp] done:" in got["stdout"] and "final eval ppl" in got["stdout"]
     # The loss must actually move, or parity would prove nothing.
@@ -187,10 +190,10 @@ def test_hf_export_matches_trained_tp_model(runs, zero):
     import torch
     from transformers import AutoModelForCausalLM
 
-    export = runs(2, 2, zero)["dir"] / "hf"
+    export = runs(2, 2, zero)["dir"] / EXPORT_DIR
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-    check = torch.load(export / "export_check.pt")
+    check = torch.load(export / EXPORT_CHECK_FILE)
     with torch.no_grad():
         out = model(**check["batch"])
     assert out.loss.item() == pytest.approx(check["loss"], rel=1e-6)
@@ -200,13 +203,13 @@ def test_hf_export_matches_trained_tp_model(runs, zero):
 @pytest.mark.parametrize("zero", [1, 3])
 def test_resume_continues_at_exact_step(runs, tmp_path, cache, zero):
     full = runs(2, 2, zero)
-    ckpt = full["dir"] / "checkpoints" / "step_00000010"
-    assert (ckpt / "custom_checkpoint_0.pkl").is_file()
+    ckpt = full["dir"] / CHECKPOINTS_DIR / step_name(10)
+    assert (ckpt / TRAIN_STATE_FILE).is_file()
     # Another run's checkpoint: the resume must opt in (loading unpickles).
     ov = {**base_overrides(cache, tmp_path), **layout(2, 2, zero), "checkpoint.allow_external_resume": True}
     proc = accelerate_launch(4, ov, extra=["--resume", str(ckpt)])
     assert proc.returncode == 0
-    resumed = read_metrics(tmp_path / str(ov["run.name"]) / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / str(ov["run.name"]) / METRICS_FILE)
     assert [m["step"] for m in resumed] == list(range(11, STEPS + 1))
     tail = full["metrics"][10:]
     # Same processes, same kernels, same data position: the continuation is bit-identical.
@@ -244,7 +247,7 @@ def test_zero3_from_pretrained_first_loss_equals_the_plain_model(tmp_path, cache
     }
     proc = accelerate_launch(2, ov)
     assert proc.returncode == 0
-    got = losses(read_metrics(tmp_path / str(ov["run.name"]) / "metrics.jsonl"))
+    got = losses(read_metrics(tmp_path / str(ov["run.name"]) / METRICS_FILE))
     want = run_reference(load_config(TINY, [f"{k}={v}" for k, v in ov.items()]), GLOBAL_BATCH)["losses"]
     assert_close(got, want)
 
@@ -263,18 +266,18 @@ def test_resume_with_another_split_of_the_global_batch(runs, tmp_path, cache, mi
     run_dir = tmp_path / str(ov["run.name"])
     if how == "latest":
         # The same run, continued under its name: its step-10 checkpoint and metrics up to there.
-        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / CHECKPOINTS_DIR).mkdir(parents=True)
         shutil.copytree(
-            full["dir"] / "checkpoints" / "step_00000010", run_dir / "checkpoints" / "step_00000010"
+            full["dir"] / CHECKPOINTS_DIR / step_name(10), run_dir / CHECKPOINTS_DIR / step_name(10)
         )
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in full["metrics"][:10]))
+        (run_dir / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in full["metrics"][:10]))
         extra = ["--resume", "latest"]
     else:
         ov["checkpoint.allow_external_resume"] = True
-        extra = ["--resume", str(full["dir"] / "checkpoints" / "step_00000010")]
+        extra = ["--resume", str(full["dir"] / CHECKPOINTS_DIR / step_name(10))]
     proc = accelerate_launch(4, ov, extra=extra)
     assert proc.returncode == 0
-    resumed = read_metrics(run_dir / "metrics.jsonl")
+    resumed = read_metrics(run_dir / METRICS_FILE)
     tail = resumed[10:] if how == "latest" else resumed
     assert [m["step"] for m in tail] == list(range(11, STEPS + 1))
     assert [m["tokens_seen"] for m in tail] == [m["tokens_seen"] for m in full["metrics"][10:]]
@@ -290,8 +293,8 @@ def test_rerun_under_the_same_name_is_refused_untouched(runs, tmp_path, cache):
     ov = {**base_overrides(cache, tmp_path), "parallelism.tp_size": 1, "parallelism.dp_size": 1}
     ov["run.name"] = "r"
     run_dir = tmp_path / "r"
-    shutil.copytree(runs(2, 2)["dir"] / "checkpoints", run_dir / "checkpoints")
-    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    shutil.copytree(runs(2, 2)["dir"] / CHECKPOINTS_DIR, run_dir / CHECKPOINTS_DIR)
+    (run_dir / METRICS_FILE).write_text('{"step": 1, "loss": 1.0}\n')
 
     def digest() -> str:
         h = hashlib.sha256()
@@ -328,16 +331,16 @@ def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
     proc = run([sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY), *set_args(ov)])
     assert proc.returncode == 0
     run_dir = tmp_path / "ray" / str(ov["run.name"])
-    ckpt = run_dir / "step_00000010"
+    ckpt = run_dir / step_name(10)
     printed = [
         line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("[accel-tp] checkpoint:")
     ]
     # every_steps=10 over 20 steps: checkpoints at 10 and 20; the driver names the latest.
-    assert printed and printed[-1].split()[-1] == str(run_dir / "step_00000020"), printed
+    assert printed and printed[-1].split()[-1] == str(run_dir / step_name(20)), printed
     # Every worker's DeepSpeed shards landed in one checkpoint folder: both TP ranks' model files.
-    names = {p.name for p in (ckpt / "pytorch_model").iterdir()}
-    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= names, names
-    ray_metrics = read_metrics(run_dir / "metrics.jsonl")
+    names = {p.name for p in (ckpt / DS_TAG).iterdir()}
+    assert {model_states_file(0), model_states_file(1)} <= names, names
+    ray_metrics = read_metrics(run_dir / METRICS_FILE)
     # Same YAML, same seed: Ray and accelerate launch give the same losses.
     assert losses(ray_metrics) == losses(runs(2, 2)["metrics"])
     assert_readable_output(proc.stdout + proc.stderr)
@@ -356,8 +359,8 @@ def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
     )
     assert again.returncode == 0
     assert "steps=20->25" in again.stdout + again.stderr
-    assert f"run.name {ov['run.name']!r} exists" in again.stdout and "(step_00000020)" in again.stdout
-    resumed = read_metrics(run_dir / "metrics.jsonl")
+    assert f"run.name {ov['run.name']!r} exists" in again.stdout and f"({step_name(20)})" in again.stdout
+    resumed = read_metrics(run_dir / METRICS_FILE)
     assert [m["step"] for m in resumed] == list(range(1, 26))
     # Honest step times under Ray: the wall clock between two logged steps is the later step's
     # step_time_s, the wait on Ray's report included (with a 2 s poll a report waits up to 2 s for
@@ -412,7 +415,7 @@ def test_ray_survives_a_killed_worker(runs, tmp_path, cache):
         "ray.storage_path": str(tmp_path / "ray"),
         "ray.max_failures": 1,
     }
-    metrics_path = tmp_path / "ray" / str(ov["run.name"]) / "metrics.jsonl"
+    metrics_path = tmp_path / "ray" / str(ov["run.name"]) / METRICS_FILE
     cmd = [sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY), *set_args(ov)]
     log = open(tmp_path / "ray.log", "w")  # noqa: SIM115 - the child writes it until it exits
     # Ray's controller collects reported checkpoints when it polls the workers (every 2 s by
@@ -441,11 +444,11 @@ def test_ray_survives_a_killed_worker(runs, tmp_path, cache):
     assert losses(resumed) == losses(full["metrics"])
     import torch
 
-    name = "pytorch_model/mp_rank_00_model_states.pt"
-    a = torch.load(tmp_path / "ray" / str(ov["run.name"]) / "step_00000020" / name, weights_only=False)[
+    name = f"{DS_TAG}/{model_states_file(0)}"
+    a = torch.load(tmp_path / "ray" / str(ov["run.name"]) / step_name(20) / name, weights_only=False)[
         "module"
     ]
-    b = torch.load(full["dir"] / "checkpoints" / "step_00000020" / name, weights_only=False)["module"]
+    b = torch.load(full["dir"] / CHECKPOINTS_DIR / step_name(20) / name, weights_only=False)["module"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -466,8 +469,8 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, cache):
     text = proc.stdout + proc.stderr
     assert "FloatingPointError: step " in text and "not finite; stopping" in text
     bad_step = int(text.split("FloatingPointError: step ")[1].split(":")[0])
-    saved = sorted(p.name for p in (tmp_path / str(ov["run.name"]) / "checkpoints").glob("step_*"))
-    assert saved and saved[-1] == f"step_{bad_step - 1:08d}", (bad_step, saved)
+    saved = sorted(p.name for p in (tmp_path / str(ov["run.name"]) / CHECKPOINTS_DIR).glob("step_*"))
+    assert saved and saved[-1] == step_name(bad_step - 1), (bad_step, saved)
 
 
 def test_nonfinite_gradient_stops_under_bf16(tmp_path, cache):
@@ -501,7 +504,7 @@ def test_export_script_from_checkpoint(runs, tmp_path, cache, zero):
     from accel_tp.checkpoint import write_run_config
 
     run_dir = runs(2, 2, zero)["dir"]
-    ckpt = run_dir / "checkpoints" / "step_00000020"
+    ckpt = run_dir / CHECKPOINTS_DIR / step_name(20)
     ov = {**base_overrides(cache, run_dir.parent), **layout(2, 2, zero)}
     cmd = [sys.executable, str(ROOT / "scripts" / "export_hf.py"), "--checkpoint"]
     if zero == 1:  # the run's YAML and --set values, as the training run got them
@@ -514,12 +517,12 @@ def test_export_script_from_checkpoint(runs, tmp_path, cache, zero):
     proc = run([*cmd, *extra, "--out", str(out)])
     assert proc.returncode == 0
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    at_end = run_dir / "hf"
+    at_end = run_dir / EXPORT_DIR
     got, want = load_file(out / "model.safetensors"), load_file(at_end / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     assert (out / "tokenizer.json").read_bytes() == (at_end / "tokenizer.json").read_bytes()
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    check = torch.load(at_end / "export_check.pt")
+    check = torch.load(at_end / EXPORT_CHECK_FILE)
     with torch.no_grad():
         res = model(**check["batch"], use_cache=False)
     assert res.loss.item() == pytest.approx(check["loss"], rel=1e-6)
@@ -578,8 +581,8 @@ def test_ray_kill_mid_checkpoint_resumes_from_previous(runs, tmp_path, cache):
             time.sleep(0.2)
             if before_kill is None and marker.exists():
                 # Mid-save: the other worker waits for rank 1, so nothing of step 10 is in storage.
-                visible_mid_save = (run_dir / "step_00000010").exists()
-                before_kill = read_metrics(run_dir / "metrics.jsonl")
+                visible_mid_save = (run_dir / step_name(10)).exists()
+                before_kill = read_metrics(run_dir / METRICS_FILE)
                 os.kill(int(marker.read_text()), signal.SIGKILL)
         proc.wait(timeout=max(1, deadline - time.time()))
     finally:
@@ -592,23 +595,23 @@ def test_ray_kill_mid_checkpoint_resumes_from_previous(runs, tmp_path, cache):
     assert before_kill is not None, "no worker reached the step-10 save"
     assert not visible_mid_save, "an unfinished save must not appear in the run's storage"
     assert "steps=5->20" in text, "the restarted group must resume from the step-5 checkpoint"
-    after = read_metrics(run_dir / "metrics.jsonl")
+    after = read_metrics(run_dir / METRICS_FILE)
     assert [m["step"] for m in before_kill] == list(range(1, 11))
     # Steps 6-10, recomputed from the step-5 checkpoint, repeat the first attempt bit for bit.
     same = ("step", "loss", "grad_norm", "tokens_seen", "lr")
     assert [[m[k] for k in same] for m in after[:10]] == [[m[k] for k in same] for m in before_kill]
     assert_close(losses(after), losses(runs(2, 2)["metrics"]))
-    assert [p.name for p in ray_registered(run_dir)] == [f"step_{s:08d}" for s in (5, 10, 15, 20)]
+    assert [p.name for p in ray_registered(run_dir)] == [step_name(s) for s in (5, 10, 15, 20)]
 
     # Export from a Ray checkpoint folder: the end-of-training export of the same run, bit for bit.
     out = tmp_path / "hf-from-checkpoint"
     export = [sys.executable, str(ROOT / "scripts" / "export_hf.py")]
-    ckpt = ["--checkpoint", str(run_dir / "step_00000020"), "--config", str(TINY), *set_args(ov)]
+    ckpt = ["--checkpoint", str(run_dir / step_name(20)), "--config", str(TINY), *set_args(ov)]
     assert run([*export, *ckpt, "--out", str(out)]).returncode == 0
-    got, want = load_file(out / "model.safetensors"), load_file(run_dir / "hf" / "model.safetensors")
+    got, want = load_file(out / "model.safetensors"), load_file(run_dir / EXPORT_DIR / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    check = torch.load(run_dir / "hf" / "export_check.pt")
+    check = torch.load(run_dir / EXPORT_DIR / EXPORT_CHECK_FILE)
     with torch.no_grad():
         res = model(**check["batch"], use_cache=False)
     torch.testing.assert_close(res.logits, check["logits"], rtol=1e-5, atol=1e-5)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from accel_tp.checkpoint.format import step_name
 from accel_tp.config import ConfigError, elastic_worker_counts, load_config
 from accel_tp.launch import _failure_plan
+from accel_tp.modes import fit_to_world
 from accel_tp.parallel import Topology
 from accel_tp.placement import check_cluster_fits, check_tp_node_local, describe_mesh, workers_per_node
-from accel_tp.trainer import fit_to_world
 
 from .mp_utils import TINY
 
@@ -110,7 +111,7 @@ def test_storage_uri_options_and_overlapping_export_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"ray.storage_path: .* has URI options"):
         check_storage("s3://bucket/runs?region=eu-west-1", "ray.storage_path")
     with pytest.raises(ConfigError, match="overlaps --checkpoint"):
-        export_checkpoint("s3://b/runs/r/step_00000009", "s3://b/runs/r", overwrite=True)
+        export_checkpoint(f"s3://b/runs/r/{step_name(9)}", "s3://b/runs/r", overwrite=True)
     # replace_folder: the new files first, then the old-only ones go (here on the local filesystem).
     old, new = tmp_path / "remote", tmp_path / "new"
     old.mkdir()

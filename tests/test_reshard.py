@@ -1,5 +1,6 @@
 """Resuming on another tp x dp layout or ZeRO stage: the checkpoint is converted once with DeepSpeed's
-universal checkpoint converter into a cache beside it and loaded from there (accel_tp/checkpoint.py).
+universal checkpoint converter into a cache beside it and loaded from there
+(accel_tp/checkpoint/universal.py).
 
 The multi-process tests (slow) train tp2 x dp2 ZeRO-1 for 16 steps with a checkpoint at step 8, then
 continue from that checkpoint to step 16 on other layouts and ZeRO-2. The universal load restores
@@ -27,6 +28,16 @@ from accel_tp.checkpoint import (
     steps_under,
     universal_cache_for,
 )
+from accel_tp.checkpoint.format import (
+    DS_TAG,
+    TRAIN_STATE_FILE,
+    UNIVERSAL_SUFFIX,
+    UNIVERSAL_ZERO_DIR,
+    model_states_file,
+    step_name,
+)
+from accel_tp.export import EXPORT_CHECK_FILE
+from accel_tp.run_folder import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_FILE
 
 from .mp_utils import accelerate_launch, read_metrics
 
@@ -35,7 +46,7 @@ EVERY = 8
 GLOBAL_BATCH = 8
 MICRO = 2
 RTOL = 1e-5
-RESHARD_LINE = "[accel-tp] resharding checkpoint step_00000008: "
+RESHARD_LINE = f"[accel-tp] resharding checkpoint {step_name(EVERY)}: "
 
 
 def overrides(cache: Path, out: Path, tp: int, dp: int, zero: int = 1) -> dict[str, object]:
@@ -83,11 +94,11 @@ def source(tmp_path_factory) -> dict:
     proc = accelerate_launch(4, ov)
     assert proc.returncode == 0
     run_dir = out / str(ov["run.name"])
-    ckpt = run_dir / "checkpoints" / "step_00000008"
+    ckpt = run_dir / CHECKPOINTS_DIR / step_name(EVERY)
     return {
         "cache": cache,
         "dir": run_dir,
-        "metrics": read_metrics(run_dir / "metrics.jsonl"),
+        "metrics": read_metrics(run_dir / METRICS_FILE),
         "ckpt": ckpt,
         "hash": digest(ckpt),
     }
@@ -113,12 +124,12 @@ def test_resume_on_another_layout_continues_the_run(source, tmp_path, tp, dp, ze
     assert lines == [want], lines
     # The original is untouched; the conversion sits beside it and is not taken for a step folder.
     assert digest(ckpt) == source["hash"]
-    assert (cache / "pytorch_model" / "zero").is_dir()
+    assert (cache / DS_TAG / UNIVERSAL_ZERO_DIR).is_dir()
     assert [p for _, p in steps_under(ckpt.parent)] and cache not in [p for _, p in steps_under(ckpt.parent)]
-    assert latest_checkpoint(ckpt.parent).name == "step_00000016"
+    assert latest_checkpoint(ckpt.parent).name == step_name(STEPS)
 
     run_dir = tmp_path / str(ov["run.name"])
-    resumed = read_metrics(run_dir / "metrics.jsonl")
+    resumed = read_metrics(run_dir / METRICS_FILE)
     tail = source["metrics"][EVERY:]
     assert [m["step"] for m in resumed] == list(range(EVERY + 1, STEPS + 1))
     assert [m["tokens_seen"] for m in resumed] == [m["tokens_seen"] for m in tail]
@@ -127,7 +138,7 @@ def test_resume_on_another_layout_continues_the_run(source, tmp_path, tp, dp, ze
     print(f"tp{tp}xdp{dp} ZeRO-{zero}: worst relative loss difference over steps 9-16 {worst:.2e}")
     assert worst <= RTOL, f"{worst:.2e}\n got {got}\nwant {ref}"
     # The resumed run's own checkpoint names the layout and stage it was saved on.
-    own = peek_train_state(run_dir / "checkpoints" / "step_00000016")
+    own = peek_train_state(run_dir / CHECKPOINTS_DIR / step_name(STEPS))
     assert (own["layout"], own["zero_stage"], own["step"]) == (f"tp{tp}xdp{dp}", zero, STEPS)
     assert own["samples"] == STEPS * GLOBAL_BATCH
 
@@ -164,15 +175,15 @@ def test_ray_run_restored_under_its_name_on_another_layout(source, tmp_path):
     text = second.stdout + second.stderr
     assert "tp2xdp1 ZeRO-1 -> tp1xdp2 ZeRO-1" in text and "steps=8->16" in text
     run_dir = tmp_path / "ray" / "restored"
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    metrics = read_metrics(run_dir / METRICS_FILE)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     got, ref = [m["loss"] for m in metrics], [m["loss"] for m in source["metrics"]]
     worst = max(abs(g - w) / abs(w) for g, w in zip(got, ref))
     assert worst <= RTOL, f"{worst:.2e}\n got {got}\nwant {ref}"
     # The resharded run's export against the export of the run that never changed layout.
-    check = torch.load(source["dir"] / "hf" / "export_check.pt")
+    check = torch.load(source["dir"] / EXPORT_DIR / EXPORT_CHECK_FILE)
     logits = {}
-    for name, folder in (("resharded", run_dir / "hf"), ("uninterrupted", source["dir"] / "hf")):
+    for name, folder in (("resharded", run_dir / EXPORT_DIR), ("uninterrupted", source["dir"] / EXPORT_DIR)):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
             logits[name] = model(**check["batch"], use_cache=False).logits
@@ -197,11 +208,11 @@ class NoLoad:
 
 
 def _checkpoint(tmp_path: Path, **state) -> Path:
-    ckpt = tmp_path / "ckpt" / "step_00000010"
+    ckpt = tmp_path / "ckpt" / step_name(10)
     ckpt.mkdir(parents=True)
-    torch.save(TrainState(step=10, **state).state_dict(), ckpt / "custom_checkpoint_0.pkl")
-    (ckpt / "pytorch_model").mkdir()
-    (ckpt / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    torch.save(TrainState(step=10, **state).state_dict(), ckpt / TRAIN_STATE_FILE)
+    (ckpt / DS_TAG).mkdir()
+    (ckpt / DS_TAG / model_states_file(0)).write_bytes(b"weights")
     return ckpt
 
 
@@ -259,8 +270,8 @@ def test_load_restores_only_the_position():
 
 
 def test_universal_cache_is_beside_and_not_a_step(tmp_path):
-    (tmp_path / "step_00000008").mkdir()
-    cache = universal_cache_for(tmp_path / "step_00000008")
-    assert cache == tmp_path / "step_00000008.universal"
+    (tmp_path / step_name(8)).mkdir()
+    cache = universal_cache_for(tmp_path / step_name(8))
+    assert cache == tmp_path / (step_name(8) + UNIVERSAL_SUFFIX)
     cache.mkdir()
-    assert [p for _, p in steps_under(tmp_path)] == [tmp_path / "step_00000008"]
+    assert [p for _, p in steps_under(tmp_path)] == [tmp_path / step_name(8)]

@@ -13,7 +13,7 @@ launched once and shared between the tests (module fixtures).
   mp_rank_NN_model_states.pt (no ZeRO partition files), so a resume at stage 0 with the same
   tp_size loads natively, also on another dp_size (an elastic restart); measured within 1e-7 of
   the uninterrupted run. To or from another stage, or another tp_size, is refused before anything
-  loads (accel_tp/checkpoint.py check_resume says why: DeepSpeed's universal checkpoint cannot read
+  loads (accel_tp/checkpoint/rules.py check_resume says why: DeepSpeed's universal checkpoint cannot read
   or load stage 0).
 * bf16 / fp16 at stage 0 are refused at config validation (accel_tp/config.py DeepSpeedSection):
   the upstream behaviour behind that is pinned in test_deepspeed_stage0_bf16_steps_adamw_at_build.
@@ -30,7 +30,10 @@ import pytest
 import torch
 
 from accel_tp.checkpoint import TrainState, check_resume, peek_train_state, reshard_plan, universal_cache_for
+from accel_tp.checkpoint.format import DS_TAG, model_states_file, step_name
 from accel_tp.config import load_config
+from accel_tp.export import EXPORT_CHECK_FILE
+from accel_tp.run_folder import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_FILE
 
 from .mp_utils import ROOT, TINY, _env, accelerate_launch, read_metrics, run, set_args
 from .reference import reference_run
@@ -87,7 +90,7 @@ def runs(tmp_path_factory, cache):
             proc = accelerate_launch(tp * dp, ov)
             assert proc.returncode == 0, f"layout {key} failed"
             run_dir = out / str(ov["run.name"])
-            done[key] = {"dir": run_dir, "metrics": read_metrics(run_dir / "metrics.jsonl"), "ov": ov}
+            done[key] = {"dir": run_dir, "metrics": read_metrics(run_dir / METRICS_FILE), "ov": ov}
         return done[key]
 
     return get
@@ -143,21 +146,19 @@ def test_stage0_checkpoint_and_export(runs):
     from transformers import AutoModelForCausalLM
 
     run_dir = runs(2, 2, 0)["dir"]
-    ckpt = run_dir / "checkpoints" / f"step_{EVERY:08d}"
+    ckpt = run_dir / CHECKPOINTS_DIR / step_name(EVERY)
     saved = peek_train_state(ckpt)
     assert (saved["layout"], saved["zero_stage"], saved["step"]) == ("tp2xdp2", 0, EVERY)
-    files = sorted(p.name for p in (ckpt / "pytorch_model").iterdir())
-    assert files == ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"], files
-    states = torch.load(
-        ckpt / "pytorch_model" / "mp_rank_01_model_states.pt", map_location="cpu", weights_only=False
-    )
+    files = sorted(p.name for p in (ckpt / DS_TAG).iterdir())
+    assert files == [model_states_file(0), model_states_file(1)], files
+    states = torch.load(ckpt / DS_TAG / model_states_file(1), map_location="cpu", weights_only=False)
     adam = states["optimizer"]["state"]
     assert adam and all(int(s["step"]) == EVERY for s in adam.values())
     assert states["dp_world_size"] == 2
 
-    export = run_dir / "hf"
+    export = run_dir / EXPORT_DIR
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-    check = torch.load(export / "export_check.pt")
+    check = torch.load(export / EXPORT_CHECK_FILE)
     with torch.no_grad():
         out = model(**check["batch"], use_cache=False)
     assert out.loss.item() == pytest.approx(check["loss"], rel=1e-6)
@@ -169,12 +170,15 @@ def test_export_script_reads_a_stage0_checkpoint(runs, tmp_path):
     from safetensors.torch import load_file
 
     full = runs(2, 2, 0)
-    ckpt = full["dir"] / "checkpoints" / f"step_{STEPS:08d}"
+    ckpt = full["dir"] / CHECKPOINTS_DIR / step_name(STEPS)
     out = tmp_path / "hf"
     cmd = [sys.executable, str(ROOT / "scripts" / "export_hf.py"), "--checkpoint", str(ckpt)]
     proc = run([*cmd, "--config", str(TINY), *set_args(full["ov"]), "--out", str(out)])
     assert proc.returncode == 0
-    got, want = load_file(out / "model.safetensors"), load_file(full["dir"] / "hf" / "model.safetensors")
+    got, want = (
+        load_file(out / "model.safetensors"),
+        load_file(full["dir"] / EXPORT_DIR / "model.safetensors"),
+    )
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
@@ -192,12 +196,12 @@ def test_stage0_resume_continues_natively(runs, cache, tmp_path, source, target)
     """From the step-6 checkpoint to step 12: no conversion (the same tp_size loads natively at any
     dp_size), the uninterrupted run's losses and tokens."""
     full = runs(*source, 0)
-    ckpt = full["dir"] / "checkpoints" / f"step_{EVERY:08d}"
+    ckpt = full["dir"] / CHECKPOINTS_DIR / step_name(EVERY)
     proc = resume(cache, tmp_path, ckpt, *target, 0)
     assert proc.returncode == 0
     text = proc.stdout + proc.stderr
     assert RESHARD_LINE not in text and not universal_cache_for(ckpt).exists()
-    resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "resumed" / METRICS_FILE)
     tail = full["metrics"][EVERY:]
     assert [m["step"] for m in resumed] == list(range(EVERY + 1, STEPS + 1))
     assert [m["tokens_seen"] for m in resumed] == [m["tokens_seen"] for m in tail]
@@ -209,7 +213,7 @@ def test_stage0_resume_continues_natively(runs, cache, tmp_path, source, target)
     if source == target:
         assert got == want  # the same layout continues bit for bit
     assert w <= RTOL, f"{w:.2e}\n got {got}\nwant {want}"
-    own = peek_train_state(tmp_path / "resumed" / "checkpoints" / f"step_{STEPS:08d}")
+    own = peek_train_state(tmp_path / "resumed" / CHECKPOINTS_DIR / step_name(STEPS))
     assert (own["layout"], own["zero_stage"], own["samples"]) == (
         f"tp{target[0]}xdp{target[1]}",
         0,
@@ -228,13 +232,13 @@ def test_stage0_resume_continues_natively(runs, cache, tmp_path, source, target)
     ids=["zero0-to-zero1", "zero1-to-zero0", "zero0-other-tp"],
 )
 def test_resharding_to_or_from_stage0_is_refused_before_loading(runs, cache, tmp_path, source, target, plan):
-    ckpt = runs(*source)["dir"] / "checkpoints" / f"step_{EVERY:08d}"
+    ckpt = runs(*source)["dir"] / CHECKPOINTS_DIR / step_name(EVERY)
     proc = resume(cache, tmp_path, ckpt, *target)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert f"resharding {plan} is not supported" in text and "_get_optim_files" in text
     assert RESHARD_LINE not in text and not universal_cache_for(ckpt).exists()
-    assert not (tmp_path / "resumed" / "metrics.jsonl").is_file()
+    assert not (tmp_path / "resumed" / METRICS_FILE).is_file()
 
 
 # ----------------------------------------------------------------------------------------------
