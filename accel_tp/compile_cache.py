@@ -14,15 +14,14 @@ One file per rank and phase, since a key names the device index a rank runs on:
 graphs: what a restart waits for), and `rank_<rank>.eval.bin`, written after its first evaluation;
 both are read before the first step. Each once per process, into its own file: torch 2.11-2.13
 appends each save to the last, and `load_cache_artifacts` reads the appended lists into a dict by
-artifact type, so a file saved twice loads only the newest list of each type (measured: a file
-saved after the first step and again after an evaluation gave 0 of 4 training hits). The eval
+artifact type, so a file saved twice loads only the newest list of each type (a file saved after the
+first step and again after an evaluation loads none of the training graphs). The eval
 file therefore holds the training lists too, but loads the lists recorded after the first step
 (and the training list of a type nothing new was recorded for); with the training file beside it,
 every graph is found (some entries are then loaded, and counted, twice: harmless). The run folder
 may be local or an object-store URI.
 
-Measured on one H100 (docs/performance.md, 2026-12-05): Qwen2.5-0.5B, first step 36.9 s compiling
-from an empty Inductor cache, 5.8 s on an empty Inductor cache with this file (every graph a hit).
+What it saves on a restart is measured in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -31,11 +30,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from .compat.torch import compiled_graph_counts
+from .run_folder import COMPILE_CACHE_DIR
 from .storage import download, exists, is_remote, join, upload
 
-__all__ = ["CompileCache", "COMPILE_CACHE_DIR"]
-
-COMPILE_CACHE_DIR = "compile_cache"
+__all__ = ["CompileCache", "CompileWatch"]
 
 
 PHASES = ("train", "eval")
@@ -110,3 +109,59 @@ class CompileCache:
             return None
         with tempfile.TemporaryDirectory() as tmp:
             return download(location, Path(tmp) / "rank.bin").read_bytes()
+
+
+def _hits_text(now: tuple[int, ...], before: tuple[int, ...] = (0, 0, 0, 0)) -> str:
+    a, b, c, d = (x - y for x, y in zip(now, before))
+    return f"compiled graphs taken from the cache: AOTAutograd {a} of {b}, Inductor {c} of {d}"
+
+
+class CompileWatch:
+    """What this worker's first step and first evaluation cost, and their compile artifacts kept.
+
+    After the first step: how long the start took (the number a restart costs), the compiled
+    graphs' cache hits, and the training artifacts saved (`cache`); after the first evaluation, the
+    same for its graphs. Later calls do nothing. `compiled`: model.compile is on."""
+
+    def __init__(self, compiled: bool, cache: CompileCache | None, is_main: bool) -> None:
+        self.compiled = compiled
+        self.cache = cache
+        self.is_main = is_main
+        self._at_first_step: tuple[int, ...] | None = None
+        self._evaluated = False
+
+    def after_step(self, seconds: float) -> None:
+        if self._at_first_step is not None:
+            return
+        saved = self.cache.save("train") if self.cache is not None else None
+        self._at_first_step = compiled_graph_counts() if self.compiled else (0, 0, 0, 0)
+        if not self.is_main:
+            return
+        import time
+
+        import psutil
+
+        since_start = time.time() - psutil.Process().create_time()
+        note = f"; {_hits_text(self._at_first_step)}" if self.compiled else ""
+        if saved:
+            note += f"; compile cache saved ({saved / 2**20:.1f} MiB)"
+        print(
+            f"[accel-tp] first step of this worker done {since_start:.1f} s after it started "
+            f"(the step itself {seconds:.1f} s, compiling included){note}",
+            flush=True,
+        )
+
+    def after_eval(self) -> None:
+        if self._evaluated or not self.compiled:
+            return
+        self._evaluated = True
+        saved = self.cache.save("eval") if self.cache is not None else None
+        counts = compiled_graph_counts()
+        if self.is_main:
+            note = f"; compile cache saved ({saved / 2**20:.1f} MiB)" if saved else ""
+            # Since the first step: the evaluation's graphs, and any training graph compiled in between.
+            before = _hits_text(counts, self._at_first_step or (0, 0, 0, 0))
+            print(
+                f"[accel-tp] first evaluation of this worker done; since the first step {before}{note}",
+                flush=True,
+            )

@@ -16,9 +16,11 @@ from .env import VERBOSE_ENV, ray_driver_env, ray_worker_env
 from .errors import ConfigError, UserError, WorkerCrash
 from .export import ray_registered
 from .model import load_tokenizer, model_config
+from .modes import LocalMode, RayMode
 from .parallel import Topology, check_tp_heads
 from .parallelize import check_device_support, checkpointed_layer_count
 from .placement import check_cluster_fits, workers_per_node
+from .run_folder import METRICS_FILE, run_folder
 from .storage import AWS_ENV, check_storage, exists, is_remote, join, read_text
 from .trainer import run_worker
 
@@ -74,7 +76,7 @@ def check_writable(path: str | Path, field: str) -> None:
 
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
-    run_worker(config_from_dict(loop_config["config"]), under_ray=True, run_uri=loop_config["run_uri"])
+    run_worker(config_from_dict(loop_config["config"]), RayMode(loop_config["run_root"]))
 
 
 def run_ray(cfg: Config, address: str | None = None) -> Any:
@@ -89,6 +91,16 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             "parallelism.dp_size: a Ray run needs it to size the worker group (tp_size x dp_size workers)."
         )
     world_size = par.tp_size * par.dp_size
+    resume = cfg.checkpoint.resume_from
+    if resume not in (None, "latest"):
+        # Ray Train restores a run only from its own registered checkpoints (run.name under
+        # ray.storage_path); an arbitrary folder cannot be handed to it.
+        raise ConfigError(
+            f"checkpoint.resume_from: {resume!r}: a Ray run resumes from its own latest checkpoint (the same "
+            "run.name under ray.storage_path), never from a given folder. Resubmit that run.name, or start "
+            "a new run from the checkpoint's weights (scripts/export_hf.py, then model.name_or_path), or "
+            "resume the folder with accelerate launch (--resume)."
+        )
     preflight(cfg, world_size, tokenizer=True)
 
     storage = cfg.ray.storage_path
@@ -98,7 +110,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     else:
         storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
         check_writable(storage, "ray.storage_path")
-    run_uri = join(storage, cfg.run.name) if is_remote(storage) else str(Path(storage) / cfg.run.name)
+    folder = run_folder(join(storage, cfg.run.name) if is_remote(storage) else Path(storage) / cfg.run.name)
     address = address if address is not None else cfg.ray.address
     # An elastic run may start on as few as ray.min_workers.
     min_workers = cfg.ray.min_workers or world_size
@@ -139,17 +151,23 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         check_shared_storage(storage, [n for n, c in zip(nodes, capacity) if c > 0])
     print(_failure_plan(cfg, world_size), flush=True)
     # Ray Train restores a run whose name exists under the storage path: say so up front.
-    registered = ray_registered(run_uri)
+    registered = ray_registered(folder.root)
     if registered:
         print(
             f"[accel-tp] run.name {cfg.run.name!r} exists in {storage}: resuming it from its latest "
             f"checkpoint ({registered[-1].name}); pick a new run.name to start fresh.",
             flush=True,
         )
+    elif resume == "latest":
+        print(
+            f"[accel-tp] checkpoint.resume_from: latest: run.name {cfg.run.name!r} has no checkpoint in "
+            f"{storage}; starting from step 0.",
+            flush=True,
+        )
     os.environ.update(ray_driver_env(os.environ))  # read by the controller that fit() starts
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri},
+        train_loop_config={"config": cfg.to_dict(), "run_root": folder.root},
         scaling_config=ScalingConfig(
             num_workers=(min_workers, world_size) if cfg.ray.min_workers else world_size,
             use_gpu=use_gpu,
@@ -177,9 +195,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     if result.checkpoint is not None:
         print(f"[accel-tp] checkpoint:  {result.checkpoint.path}")
     final = result.metrics
-    metrics_uri = (
-        join(run_uri, "metrics.jsonl") if is_remote(run_uri) else str(Path(run_uri) / "metrics.jsonl")
-    )
+    metrics_uri = folder.uri(METRICS_FILE)
     print(f"[accel-tp] metrics:     {metrics_uri}")
     lines = read_text(metrics_uri).splitlines() if exists(metrics_uri) else []
     final = json.loads(lines[-1]) if lines else final
@@ -305,13 +321,14 @@ def run_local(cfg: Config) -> dict[str, Any]:
                 f"{e} Launch with: accelerate launch --use_deepspeed --num_processes {n} ..."
             ) from e
         raise
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    check_run_folder(run_dir, cfg.checkpoint.resume_from, cfg.run.name)
+    mode = LocalMode(cfg)
+    folder = mode.folder
+    check_run_folder(folder.local, cfg.checkpoint.resume_from, cfg.run.name)
     if int(os.environ.get("RANK", "0")) == 0:
-        check_writable(run_dir, "run.output_dir")
-    metrics = run_worker(cfg, under_ray=False)
+        check_writable(folder.local, "run.output_dir")
+    metrics = run_worker(cfg, mode)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[accel-tp] checkpoints: {run_dir / 'checkpoints'}")
-        print(f"[accel-tp] metrics:     {run_dir / 'metrics.jsonl'}")
+        print(f"[accel-tp] checkpoints: {folder.checkpoints}")
+        print(f"[accel-tp] metrics:     {folder.metrics}")
         print(f"[accel-tp] final:       {metrics}")
     return metrics

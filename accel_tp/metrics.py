@@ -13,7 +13,6 @@ __all__ = [
     "flops_per_token",
     "peak_bf16_flops",
     "mfu",
-    "MetricsLog",
     "flat_config",
     "plot_losses",
     "summary_line",
@@ -54,32 +53,6 @@ def peak_bf16_flops(device_name: str | None = None) -> float | None:
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float, devices: int) -> float:
     """Model FLOPs utilisation: useful FLOP/s over the devices' combined peak."""
     return tokens_per_s * flops_per_token / (peak_flops * devices)
-
-
-class MetricsLog:
-    """metrics.jsonl of a run: one JSON object per logged step, written by rank 0 only."""
-
-    def __init__(self, path: Path | None, is_writer: bool) -> None:
-        self.path = path
-        self.is_writer = is_writer and path is not None
-
-    def append(self, metrics: dict[str, Any]) -> None:
-        if not self.is_writer:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-
-    def trim(self, last_step: int) -> None:
-        """A fresh run starts a new file; a resumed one drops lines past its checkpoint."""
-        if not self.is_writer or not self.path.exists():
-            return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step
-        ]
-        self.path.write_text("".join(line + "\n" for line in keep))
 
 
 def flat_config(cfg: Any) -> dict[str, Any]:

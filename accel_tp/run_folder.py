@@ -10,10 +10,14 @@ which of the two they have.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
-from .storage import RunFolderSync, is_remote, join, staging_dir
+from .storage import download, exists, is_remote, join, upload
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -25,6 +29,8 @@ __all__ = [
     "LocalRunFolder",
     "MirroredRunFolder",
     "run_folder",
+    "staging_dir",
+    "RunFolderSync",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"  # `accelerate launch` runs: step folders (Ray keeps its own beside)
@@ -32,6 +38,71 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 EXPORT_DIR = "hf"
 COMPILE_CACHE_DIR = "compile_cache"
+
+
+def staging_dir(run_uri: str) -> Path:
+    """The node-local folder a worker writes a remote run's files into before they are copied up
+    (under $TMPDIR; removed after the run's last upload)."""
+    key = hashlib.sha256(run_uri.encode()).hexdigest()[:12]
+    # Named like the run: Accelerate's trackers write to <project_dir>/<run name>.
+    return Path(tempfile.gettempdir()) / "accel-tp-runs" / key / run_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+class RunFolderSync:
+    """Mirror a staging folder's files to a remote run folder (rank 0 only).
+
+    `start` clears the staging folder and brings down the run's metrics file (a resumed run appends
+    to it); `push` uploads new or changed files, at most every `min_interval_s` unless forced.
+    """
+
+    def __init__(self, staging: Path, run_uri: str, min_interval_s: float = 30.0) -> None:
+        self.staging = staging
+        self.run_uri = run_uri
+        self.min_interval_s = min_interval_s
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._last = 0.0
+
+    def start(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        remote = join(self.run_uri, METRICS_FILE)
+        if exists(remote):
+            download(remote, self.staging / METRICS_FILE)
+
+    def remote(self, local: str | os.PathLike) -> str:
+        """The URI a staged file or folder is mirrored to."""
+        return join(self.run_uri, Path(local).relative_to(self.staging).as_posix())
+
+    def close(self) -> None:
+        """The last upload, then the staging folder is removed. Best effort when the run is already
+        failing (its own error is the one to see); an upload error of a finished run is raised."""
+        import sys
+
+        failing = sys.exc_info()[0] is not None
+        try:
+            self.push(force=True)
+        except Exception as e:
+            if not failing:
+                raise
+            # Kept: the staging folder is now the only copy of what did not go up.
+            print(f"[accel-tp] could not copy {self.staging} to {self.run_uri}: {e}", flush=True)
+            return
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def push(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        for p in sorted(self.staging.rglob("*")):
+            if not p.is_file():
+                continue
+            rel = p.relative_to(self.staging).as_posix()
+            st = p.stat()
+            if self._sent.get(rel) == (st.st_size, st.st_mtime_ns):
+                continue
+            upload(p, join(self.run_uri, rel))
+            self._sent[rel] = (st.st_size, st.st_mtime_ns)
 
 
 class RunFolder:

@@ -1,19 +1,13 @@
 """Run storage that may be remote: a local folder or an object store URI (s3://, gs://, ...).
 
-Ray Train persists checkpoints to `ray.storage_path` itself (through pyarrow.fs). Everything else a
-run writes (metrics.jsonl, loss.png, TensorBoard files, the HF export) is written into a local staging
-folder on the worker and copied to `<storage>/<run name>/` here, so a remote run folder holds what a
-local one does. S3-compatible stores take the standard AWS variables (AWS_ENDPOINT_URL,
+Ray Train persists checkpoints to `ray.storage_path` itself (through pyarrow.fs); what else a run
+writes goes through accel_tp/run_folder.py, which mirrors a staging folder up with these helpers. S3-compatible stores take the standard AWS variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION / AWS_REGION).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +23,6 @@ __all__ = [
     "download",
     "upload",
     "replace_folder",
-    "staging_dir",
-    "RunFolderSync",
 ]
 
 # The standard variables an S3 client reads; forwarded from the driver to Ray workers (which may run
@@ -167,68 +159,3 @@ def upload(local: str | os.PathLike, uri: str) -> None:
     if local.is_dir():
         fs.create_dir(path, recursive=True)
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def staging_dir(run_uri: str) -> Path:
-    """The node-local folder a worker writes a remote run's files into before they are copied up
-    (under $TMPDIR; removed after the run's last upload)."""
-    key = hashlib.sha256(run_uri.encode()).hexdigest()[:12]
-    # Named like the run: Accelerate's trackers write to <project_dir>/<run name>.
-    return Path(tempfile.gettempdir()) / "accel-tp-runs" / key / run_uri.rstrip("/").rsplit("/", 1)[-1]
-
-
-class RunFolderSync:
-    """Mirror a staging folder's files to a remote run folder (rank 0 only).
-
-    `start` clears the staging folder and brings down the run's metrics.jsonl (a resumed run appends
-    to it); `push` uploads new or changed files, at most every `min_interval_s` unless forced.
-    """
-
-    def __init__(self, staging: Path, run_uri: str, min_interval_s: float = 30.0) -> None:
-        self.staging = staging
-        self.run_uri = run_uri
-        self.min_interval_s = min_interval_s
-        self._sent: dict[str, tuple[int, int]] = {}
-        self._last = 0.0
-
-    def start(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
-        remote = join(self.run_uri, "metrics.jsonl")
-        if exists(remote):
-            download(remote, self.staging / "metrics.jsonl")
-
-    def remote(self, local: str | os.PathLike) -> str:
-        """The URI a staged file or folder is mirrored to."""
-        return join(self.run_uri, Path(local).relative_to(self.staging).as_posix())
-
-    def close(self) -> None:
-        """The last upload, then the staging folder is removed. Best effort when the run is already
-        failing (its own error is the one to see); an upload error of a finished run is raised."""
-        import sys
-
-        failing = sys.exc_info()[0] is not None
-        try:
-            self.push(force=True)
-        except Exception as e:
-            if not failing:
-                raise
-            # Kept: the staging folder is now the only copy of what did not go up.
-            print(f"[accel-tp] could not copy {self.staging} to {self.run_uri}: {e}", flush=True)
-            return
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-    def push(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < self.min_interval_s:
-            return
-        self._last = now
-        for p in sorted(self.staging.rglob("*")):
-            if not p.is_file():
-                continue
-            rel = p.relative_to(self.staging).as_posix()
-            st = p.stat()
-            if self._sent.get(rel) == (st.st_size, st.st_mtime_ns):
-                continue
-            upload(p, join(self.run_uri, rel))
-            self._sent[rel] = (st.st_size, st.st_mtime_ns)

@@ -286,7 +286,7 @@ def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dic
     from ..trainer import setup, train_step
 
     t_setup = time.perf_counter()
-    rt = setup(cfg, under_ray=False)
+    rt = setup(cfg)
     setup_s = time.perf_counter() - t_setup
     stream = rt.loader.stream()
     step_losses: list[float] = []

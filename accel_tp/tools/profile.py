@@ -120,7 +120,7 @@ def profile_steps(cfg: Any, warmup: int, steps: int, trace_path: Path) -> dict[s
 
     from ..trainer import setup, train_step
 
-    rt = setup(cfg, under_ray=False)
+    rt = setup(cfg)
     stream = rt.loader.stream()
     ga = cfg.train.grad_accum_steps
 

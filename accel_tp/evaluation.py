@@ -1,0 +1,56 @@
+"""Held-out evaluation, and when it runs (every `train.eval_every` steps and after the last)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Validator", "all_reduce_floats"]
+
+
+def all_reduce_floats(values: list[float], device: torch.device) -> list[float]:
+    """Sum each value over every rank (float64; unchanged without a process group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class Validator:
+    """Mean loss over every held-out token, each DP shard once (TP peers count once), and perplexity."""
+
+    def __init__(
+        self, accelerator: Any, model: Any, batches: list[Any] | None, tp_size: int, every: int
+    ) -> None:
+        self.accelerator = accelerator
+        self.model = model
+        self.batches = batches
+        self.tp_size = tp_size
+        self.every = every
+
+    def should_run(self, step: int, last: bool) -> bool:
+        return self.batches is not None and (last or bool(self.every and step % self.every == 0))
+
+    def maybe_run(self, step: int, last: bool) -> dict[str, float]:
+        return self.run() if self.should_run(step, last) else {}
+
+    def run(self) -> dict[str, float]:
+        acc, model = self.accelerator, self.model
+        model.eval()
+        total = count = 0.0
+        with torch.no_grad():
+            for mb in self.batches or []:
+                n = float(mb["_label_tokens"])
+                if n == 0:
+                    continue
+                batch = {k: v.to(acc.device) for k, v in mb.items() if not k.startswith("_")}
+                total += float(model(**batch, use_cache=False).loss) * n
+                count += n
+        model.train()
+        # Both sums count every TP peer: their ratio is unchanged, the token count is divided once.
+        total, count = all_reduce_floats([total, count], acc.device)
+        loss = total / max(count, 1.0)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count / self.tp_size}
