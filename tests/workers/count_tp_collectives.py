@@ -15,7 +15,7 @@ from accel_tp.trainer import setup
 
 def main() -> None:
     config, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
-    rt = setup(load_config(config, overrides), under_ray=False)
+    rt = setup(load_config(config, overrides))
     tp_ranks = rt.topo.tp_group_ranks()
     seen: list[tuple[str, int]] = []
 

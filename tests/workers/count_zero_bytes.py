@@ -26,7 +26,7 @@ def nbytes(t: torch.Tensor) -> int:
 
 def count(cfg, last: bool) -> dict | None:
     """One stage: set up, one step, the per-rank table (rank 0; None elsewhere)."""
-    rt = setup(cfg, under_ray=False)
+    rt = setup(cfg)
     stream = rt.loader.stream()
     train_step(rt, [next(stream)[1] for _ in range(cfg.train.grad_accum_steps)], 0)
     # Parameters: the local storage of each module parameter (ZeRO-3 keeps its partition in

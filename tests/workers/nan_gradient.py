@@ -16,7 +16,7 @@ from accel_tp.trainer import setup, train_step
 def main() -> None:
     config, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     cfg = load_config(config, overrides)
-    rt = setup(cfg, under_ray=False)
+    rt = setup(cfg)
     stream = rt.loader.stream()
     ga = cfg.train.grad_accum_steps
     norms = [train_step(rt, [next(stream)[1] for _ in range(ga)], s)["grad_norm"] for s in range(2)]

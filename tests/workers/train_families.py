@@ -46,13 +46,13 @@ def main() -> None:
         cfg = load_config(base, job["set"])
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
         preflight(cfg, world)
-        rt = setup(cfg, under_ray=False)
+        rt = setup(cfg)
         report = shards(rt.model.module)
         if rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "shards.json").write_text(json.dumps(report))
         try:
-            train_loop(rt, under_ray=False)
+            train_loop(rt)
         except Exception as e:
             if not job["expect_error"]:
                 raise
