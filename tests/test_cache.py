@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import accel_tp.data as data_mod
+import accel_tp.data.cache as cache_mod
+import accel_tp.data.tokenize as tokenize_mod
 from accel_tp.config import DataSection
 from accel_tp.data import cache_problem, load_or_build_tokenized
 
@@ -39,13 +40,13 @@ def _entry(section: DataSection) -> Path:
 class Counter:
     def __init__(self, monkeypatch) -> None:
         self.calls = 0
-        real = data_mod.tokenize_dataset
+        real = tokenize_mod.tokenize_dataset
 
         def counted(*a, **k):
             self.calls += 1
             return real(*a, **k)
 
-        monkeypatch.setattr(data_mod, "tokenize_dataset", counted)
+        monkeypatch.setattr(tokenize_mod, "tokenize_dataset", counted)
 
 
 def test_published_cache_has_a_manifest_and_is_readable_by_others(section, default_tokenizer, monkeypatch):
@@ -112,7 +113,7 @@ def test_publish_errors_are_raised_not_swallowed(tmp_path):
     path.mkdir()
     (path / "junk").write_text("not a cache")
     with pytest.raises(OSError, match="cannot publish the tokenized cache"):
-        data_mod._publish(tmp, path)
+        cache_mod._publish(tmp, path)
 
 
 def test_losing_the_race_to_a_complete_copy_keeps_it(section, default_tokenizer, tmp_path):
@@ -121,7 +122,7 @@ def test_losing_the_race_to_a_complete_copy_keeps_it(section, default_tokenizer,
     tmp = folder.parent / ".tmp-second"
     tmp.mkdir()
     (tmp / "x").write_text("other build")
-    data_mod._publish(tmp, folder)
+    cache_mod._publish(tmp, folder)
     assert not tmp.exists() and cache_problem(folder, full=True) is None
 
 

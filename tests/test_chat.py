@@ -19,12 +19,12 @@ import torch
 from accel_tp.chat import IGNORE, check_conversation, encode_conversation
 from accel_tp.config import ConfigError, DataSection, ModelSection, config_from_dict
 from accel_tp.data import (
-    _pack_rows,
     build_rows,
     cache_key,
     check_data_sources,
     data_fingerprint,
     make_collate,
+    pack_rows,
     tokenize_chat_dataset,
 )
 from accel_tp.model import architecture_config, build_model, load_tokenizer
@@ -293,7 +293,7 @@ def test_build_rows_logs_the_counts_once(chat_tokenizers, tmp_path, capsys):
 def test_document_packing_keeps_labels_with_their_tokens():
     docs = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]]
     labels = [[-100, 2, 3], [-100, -100, 6, 7, -100], [-100, 10]]
-    out = _pack_rows(docs, "document", 8, labels)
+    out = pack_rows(docs, "document", 8, labels)
     assert set(out) == {"input_ids", "position_ids", "labels"}
     pairs = sorted((t, lab) for r, ls in zip(out["input_ids"], out["labels"]) for t, lab in zip(r, ls))
     assert pairs == sorted((t, lab) for d, ls in zip(docs, labels) for t, lab in zip(d, ls))
@@ -309,7 +309,7 @@ def test_collate_keeps_chat_labels_and_counts_only_them(packing):
         {"input_ids": [9, 10, 11], "labels": [-100, 10, -100]},
     ]
     if packing == "document":  # both conversations in one row
-        packed = _pack_rows([r["input_ids"] for r in rows], "document", 16, [r["labels"] for r in rows])
+        packed = pack_rows([r["input_ids"] for r in rows], "document", 16, [r["labels"] for r in rows])
         rows = [{k: v[0] for k, v in packed.items()}]
         assert len(packed["input_ids"]) == 1
     batch = make_collate(1, "longest", 16, packing)(rows)
@@ -331,7 +331,7 @@ def test_packed_chat_batch_loss_equals_one_by_one(chat_tokenizers):
     ds, _ = tokenize_chat_dataset(_chat_ds(convs), tok, 512, "assistant")
     section = ModelSection(architecture="tiny", tokenizer="default", attn_implementation="sdpa")
     model = build_model(section, architecture_config("tiny", len(tok)), seed=0).eval()
-    packed = _pack_rows(ds["input_ids"], "document", 256, ds["labels"])
+    packed = pack_rows(ds["input_ids"], "document", 256, ds["labels"])
     assert len(packed["input_ids"]) < len(convs), "the test must pack conversations together"
     rows = [dict(zip(packed, values)) for values in zip(*packed.values())]
     batch = make_collate(tok.pad_token_id, "longest", 256, "document")(rows)

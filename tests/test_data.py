@@ -12,10 +12,11 @@ import datasets
 import pytest
 import torch
 
-import accel_tp.data as data_mod
+import accel_tp.data.tokenize as tokenize_mod
 from accel_tp.config import ConfigError, DataSection
 from accel_tp.corpus import build_default_tokenizer, load_default_corpus
 from accel_tp.data import (
+    Batch,
     DPShardedSampler,
     load_or_build_tokenized,
     load_text_dataset,
@@ -458,7 +459,7 @@ def test_tokenized_cache_build_reuse_and_keys(tmp_path: Path, default_tokenizer,
     def no_tokenize(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("re-tokenized although the cache exists")
 
-    monkeypatch.setattr(data_mod, "tokenize_dataset", no_tokenize)
+    monkeypatch.setattr(tokenize_mod, "tokenize_dataset", no_tokenize)
     for is_main in (True, False):
         again = load_or_build_tokenized(section, default_tokenizer, is_main, barrier)
         assert [list(x) for x in again["input_ids"]] == [list(x) for x in first["input_ids"]]
@@ -515,6 +516,22 @@ def test_collate_counts_attention_per_document_when_packed():
     assert float(flat["_attn_context"]) == 8 * 8
     unpacked = make_collate(0, "longest", 16, "none")([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}])
     assert float(unpacked["_attn_context"]) == 4 * 16
+
+
+def test_batch_splits_model_inputs_from_counts():
+    """Batch: only model inputs in `inputs` (a model called with them must not see the counts),
+    the counts as fields, kept on the host by .to()."""
+    rows = [{"input_ids": list(range(5)), "position_ids": [0, 1, 2, 0, 1]}, {"input_ids": [1, 2]}]
+    rows[1]["position_ids"] = [0, 1]
+    out = make_collate(0, "longest", 8, "document")(rows)
+    batch = Batch.from_collated(out)
+    assert set(batch.inputs) == {"input_ids", "labels", "position_ids"}
+    assert float(batch.real_tokens) == 7 and float(batch.attn_context) == 3**2 + 2**2 + 2**2
+    assert int(batch.label_tokens) == int(out["_label_tokens"])
+    moved = batch.to("meta")
+    assert all(v.device.type == "meta" for v in moved.inputs.values())
+    assert moved.real_tokens.device.type == "cpu"
+    assert {k: v.shape for k, v in batch.first(1).items()} == {k: (1, 8) for k in batch.inputs}
 
 
 @pytest.mark.parametrize("split", [(4, 1, 2), (1, 4, 2), (2, 1, 4), (1, 2, 4), (8, 1, 1)])

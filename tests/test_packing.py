@@ -7,20 +7,20 @@ import pytest
 import torch
 
 from accel_tp.config import ModelSection
-from accel_tp.data import DPShardedSampler, _pack_rows, make_collate, pack_dataset, tokenize_dataset
+from accel_tp.data import DPShardedSampler, make_collate, pack_dataset, pack_rows, tokenize_dataset
 from accel_tp.model import architecture_config, build_model
 
 DOCS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15], list(range(20, 33)), [40, 41]]
 
 
 def test_concat_keeps_every_token_in_order():
-    rows = _pack_rows(DOCS, "concat", 5)["input_ids"]
+    rows = pack_rows(DOCS, "concat", 5)["input_ids"]
     assert [t for r in rows for t in r] == [t for d in DOCS for t in d]
     assert all(len(r) == 5 for r in rows[:-1]) and 0 < len(rows[-1]) <= 5
 
 
 def test_document_rows_restart_positions_and_keep_every_token():
-    out = _pack_rows(DOCS, "document", 8)
+    out = pack_rows(DOCS, "document", 8)
     rows, pos = out["input_ids"], out["position_ids"]
     assert sorted(t for r in rows for t in r) == sorted(t for d in DOCS for t in d)
     assert all(len(r) <= 8 and len(r) == len(p) for r, p in zip(rows, pos))
@@ -75,7 +75,7 @@ def test_document_mode_loss_equals_one_by_one(default_tokenizer):
     model = build_model(section, architecture_config("tiny", len(default_tokenizer)), seed=0).eval()
     pad = default_tokenizer.pad_token_id
 
-    packed = _pack_rows(docs, "document", 48)
+    packed = pack_rows(docs, "document", 48)
     assert len(packed["input_ids"]) < len(docs), "the test must actually pack documents together"
     rows = [{"input_ids": r, "position_ids": p} for r, p in zip(packed["input_ids"], packed["position_ids"])]
     batch = make_collate(pad, "longest", 48, "document")(rows)

@@ -1,0 +1,182 @@
+"""Where documents come from: the embedded corpus, the hub or local files, and the checks the
+driver runs on local files before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..chat import check_chat_tokenizer, check_conversation, load_default_conversations
+from ..config import ConfigError, DataSection
+
+__all__ = ["check_data_sources", "load_split", "load_text_dataset"]
+
+_FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _first_percent(ds: Any, percentage: float) -> Any:
+    if percentage >= 100:
+        return ds
+    return ds.select(range(math.ceil(len(ds) * percentage / 100)))
+
+
+def check_data_sources(section: DataSection, tokenizer: Any = None, files: bool = True) -> None:
+    """Check local data files before any worker starts: they exist, are readable, parse, have the
+    text field (chat: every row's messages field holds {role, content} messages of known roles),
+    and hold at least one document; with a `tokenizer`, that chat data has a template to render
+    with (`files` False: only that). (Hub datasets are checked where they load.)"""
+    if section.format == "chat" and tokenizer is not None:
+        check_chat_tokenizer(tokenizer)
+    if section.source != "files" or not files:
+        return
+    if section.format == "chat" and any(Path(f).suffix.lower() in (".txt", ".text") for f in section.files):
+        raise ConfigError(
+            "data.files: data.format: chat reads conversations from .jsonl / .json / .parquet files, "
+            f"not text files; got {section.files}."
+        )
+    paths, _ = _data_files(section)
+    field = section.messages_field if section.format == "chat" else section.text_field
+    documents = 0
+    for p in paths:
+        try:
+            documents += _count_documents(p, field, section.format == "chat")
+        except PermissionError as e:
+            raise ConfigError(f"data.files: cannot read {str(p)!r} ({e.strerror}).") from e
+    if documents == 0:
+        raise ConfigError(
+            f"data.files: no documents in {[str(p) for p in paths]} (empty files, or every "
+            f"{field!r} is empty); add data or point data.files at other files."
+        )
+
+
+def _data_files(section: DataSection) -> tuple[list[Path], str]:
+    """The data files and their one `datasets` builder (text / json / parquet), or a ConfigError."""
+    paths = [Path(f).expanduser() for f in section.files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"data.files: not found: {missing}.")
+    kinds = {_FILE_BUILDERS.get(p.suffix.lower()) for p in paths}
+    if None in kinds or len(kinds) != 1:
+        raise ConfigError(
+            f"data.files: all files must be one kind of {sorted(_FILE_BUILDERS)}; got {[p.name for p in paths]}."
+        )
+    return paths, kinds.pop()
+
+
+def _count_documents(path: Path, field: str, chat: bool = False) -> int:
+    """Non-empty documents (chat: conversations) in one file; a parse error, a missing field or a
+    malformed conversation names the file and row."""
+    kind = _FILE_BUILDERS[path.suffix.lower()]
+    setting = "data.messages_field" if chat else "data.text_field"
+    what = "messages" if chat else "text"
+    if kind == "text":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return sum(1 for line in f if line.strip())
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises its own error types for a bad file
+            raise ConfigError(f"data.files: {str(path)!r} is not a readable parquet file ({e}).") from e
+        names = pf.schema_arrow.names
+        if field not in names:
+            raise ConfigError(
+                f"{setting}: column {field!r} not in {str(path)!r}; its columns: {names}. Set "
+                f"{setting} to one of them."
+            )
+        if chat:  # one column at a time: the check never holds the whole file in memory
+            n = 0
+            for batch in pf.iter_batches(columns=[field]):
+                for messages in batch.column(0).to_pylist():
+                    n += 1
+                    check_conversation(messages, f"{str(path)!r} row {n}")
+        return pf.metadata.num_rows
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    rows: list[tuple[int, Any]]
+    try:  # a .json file may hold one JSON array (or object) instead of JSON lines
+        whole = json.loads(text)
+        rows = list(enumerate(whole if isinstance(whole, list) else [whole], start=1))
+    except json.JSONDecodeError:
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"data.files: {str(path)!r} line {n} is not valid JSON ({e.msg} at column {e.colno}); "
+                    "each line of a .jsonl file must be one JSON object."
+                ) from e
+    documents = 0
+    for n, row in rows:
+        if not isinstance(row, dict) or field not in row:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ConfigError(
+                f"{setting}: {str(path)!r} row {n} has no {field!r} field (it has {keys}); set "
+                f"{setting} to the field that holds the {what}."
+            )
+        if chat:
+            check_conversation(row[field], f"{str(path)!r} row {n}")
+            documents += 1
+        else:
+            documents += bool(str(row[field] or "").strip())
+    return documents
+
+
+def load_split(section: DataSection, which: str) -> Any:
+    """The training or the held-out documents (None when no evaluation data is configured)."""
+    if which == "eval" and section.eval_split:
+        return load_text_dataset(section, split=section.eval_split)
+    if which == "eval" and not section.eval_fraction:
+        return None
+    ds = load_text_dataset(section)
+    if section.eval_fraction:
+        parts = ds.train_test_split(test_size=section.eval_fraction, seed=1234, shuffle=True)
+        ds = parts["train" if which == "train" else "test"]
+    return ds
+
+
+def load_text_dataset(section: DataSection, split: str | None = None) -> Any:
+    """A `datasets.Dataset` with a `text` column (chat: a `messages` column), from the embedded
+    corpus (chat: the embedded conversations), the hub, or local files."""
+    import datasets
+
+    column = "messages" if section.format == "chat" else "text"
+    field = section.messages_field if section.format == "chat" else section.text_field
+    if section.source == "embedded":
+        if section.format == "chat":
+            ds = datasets.Dataset.from_dict({column: load_default_conversations()})
+        else:
+            from ..corpus import load_default_corpus
+
+            ds = datasets.Dataset.from_dict({column: load_default_corpus()})
+        return _first_percent(ds, section.percentage)
+    if section.source == "hub":
+        # The prefix is taken after loading (not as "train[:2.5%]", which datasets refuses for
+        # fractions) so every source rounds a percentage the same way.
+        split = split or section.split
+        try:
+            ds = _first_percent(
+                datasets.load_dataset(section.name, section.config_name, split=split), section.percentage
+            )
+        except Exception as e:  # the hub raises many types; all mean "cannot get this dataset"
+            raise ConfigError(
+                f"data.name: cannot load dataset {section.name!r} (config {section.config_name!r}, split "
+                f"{split!r}): {type(e).__name__}: {e}"
+            ) from e
+    else:
+        paths, kind = _data_files(section)
+        ds = datasets.load_dataset(kind, data_files=[str(p) for p in paths], split="train")
+        ds = _first_percent(ds, section.percentage)
+    if field not in ds.column_names:
+        setting = "data.messages_field" if section.format == "chat" else "data.text_field"
+        raise ConfigError(f"{setting}: column {field!r} not in the dataset; columns: {ds.column_names}.")
+    ds = ds.select_columns([field])
+    if field != column:
+        ds = ds.rename_column(field, column)
+    return ds

@@ -1,0 +1,85 @@
+"""Tokenization: text documents and chat conversations to token ids, and the rows the loader reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..chat import IGNORE, check_chat_tokenizer, check_conversation, encode_conversation
+from ..config import DataSection
+from .packing import LABELS, pack_dataset
+from .sources import load_split
+
+__all__ = ["tokenize_dataset", "tokenize_chat_dataset", "build_rows"]
+
+
+def tokenize_dataset(ds: Any, tokenizer: Any, seq_length: int | None, min_tokens: int) -> Any:
+    """Token ids per document: eos appended, truncated to seq_length (None: kept whole), short documents dropped."""
+    eos = tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        enc = tokenizer(batch["text"], add_special_tokens=False, truncation=False)["input_ids"]
+        out = []
+        for ids in enc:
+            if eos is not None:
+                ids = ids + [eos]
+            out.append(ids if seq_length is None else ids[:seq_length])
+        return {"input_ids": out}
+
+    tok = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
+    return tok.filter(lambda ids: len(ids) >= min_tokens, input_columns="input_ids", desc="filter short")
+
+
+def tokenize_chat_dataset(
+    ds: Any, tokenizer: Any, seq_length: int, loss_on: str, min_tokens: int = 2
+) -> tuple[Any, dict[str, int]]:
+    """Token ids and per-token labels per conversation (see accel_tp.chat), the tail beyond
+    seq_length cut off; conversations left with no labelled token (or under min_tokens) dropped.
+    Returns the rows and the counts {conversations, truncated, dropped}."""
+    check_chat_tokenizer(tokenizer)
+
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], LABELS: [], "_truncated": [], "_keep": []}
+        for messages, i in zip(batch["messages"], indices):
+            where = f"conversation {i}"
+            ids, labels = encode_conversation(check_conversation(messages, where), tokenizer, loss_on, where)
+            ids, labels, cut = ids[:seq_length], labels[:seq_length], len(ids) > seq_length
+            out["input_ids"].append(ids)
+            out[LABELS].append(labels)
+            out["_truncated"].append(cut)
+            # Position 0 is never a target (nothing precedes it), so it does not count as labelled.
+            out["_keep"].append(len(ids) >= min_tokens and any(t != IGNORE for t in labels[1:]))
+        return out
+
+    tok = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="render chat")
+    # Counted from the columns, not in encode: a cached map never runs encode.
+    keep, truncated = tok["_keep"], tok["_truncated"]
+    stats = {
+        "conversations": len(tok),
+        "truncated": sum(t and k for t, k in zip(truncated, keep)),
+        "dropped": len(keep) - sum(keep),
+    }
+    tok = tok.filter(lambda k: k, input_columns="_keep", desc="drop unlabelled")
+    return tok.remove_columns(["_truncated", "_keep"]), stats
+
+
+def build_rows(section: DataSection, tokenizer: Any, which: str = "train") -> Any:
+    """The rows the loader reads: documents (chat: conversations) tokenized and, unless
+    data.packing is none, packed; chat rows carry their labels."""
+    packed = section.packing != "none"
+    raw = load_split(section, which)
+    if section.format == "chat":
+        ds, n = tokenize_chat_dataset(
+            raw, tokenizer, section.seq_length, section.label_mode, section.min_tokens
+        )
+        # Once per split, by the process that tokenizes (a cached split is not re-counted).
+        print(
+            f"[accel-tp] chat data ({which}): {n['conversations']} conversations, {n['truncated']} "
+            f"truncated to data.seq_length {section.seq_length}, {n['dropped']} dropped "
+            f"(no {'assistant ' if section.label_mode == 'assistant' else ''}token with a label left)",
+            flush=True,
+        )
+    else:
+        ds = tokenize_dataset(raw, tokenizer, None if packed else section.seq_length, section.min_tokens)
+    if packed:
+        ds = pack_dataset(ds, section.packing, section.seq_length)
+    return ds
