@@ -105,16 +105,24 @@ def rng_state_file(rank: int) -> str:
     return f"{RNG_STATE_NAME}_{rank}.pkl"
 
 
+def _tp_part(tp_rank: int) -> str:
+    return f"mp_rank_{tp_rank:02d}"
+
+
+def _dp_part(dp_rank: int) -> str:
+    return f"zero_pp_rank_{dp_rank}"
+
+
 def model_states_file(tp_rank: int, dp_rank: int | None = None) -> str:
     """DeepSpeed's module file of TP rank `tp_rank` in the DS_TAG folder (engine._get_ckpt_name); under
     ZeRO-3 (`dp_rank` given) each DP rank writes its own."""
-    name = f"mp_rank_{tp_rank:02d}_model_states.pt"
-    return name if dp_rank is None else f"zero_pp_rank_{dp_rank}_{name}"
+    name = f"{_tp_part(tp_rank)}_model_states.pt"
+    return name if dp_rank is None else f"{_dp_part(dp_rank)}_{name}"
 
 
 def optim_states_file(dp_rank: int, tp_rank: int, bf16: bool = False) -> str:
     """DeepSpeed's ZeRO optimizer partition of one DP x TP rank (engine._get_rank_zero_ckpt_name)."""
-    return f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+    return f"{'bf16_' if bf16 else ''}{_dp_part(dp_rank)}_{_tp_part(tp_rank)}_optim_states.pt"
 
 
 # The objects registered with Accelerate, in order: save_state writes the i-th to
