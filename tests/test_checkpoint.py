@@ -259,3 +259,60 @@ def test_deepspeed_and_ray_names_are_the_libraries_own():
         got = Engine._get_rank_zero_ckpt_name(engine(False), "", DS_TAG, 3, 1, bf16)
         assert name(got) == optim_states_file(1, 3, bf16=bf16)
     assert RAY_SNAPSHOT_FILE == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+
+# --- Fault injection (tests/faults.py), as the fault tests use it -----------------------------------
+
+_SAVES = """
+import sys, torch
+from accelerate import Accelerator
+from accel_tp.checkpoint import TrainState, register_for_checkpointing
+acc = Accelerator(cpu=True)
+optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+state = TrainState()
+register_for_checkpointing(acc, state, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))
+for step in (6, 7):
+    state.step = step
+    acc.save_state(f"{sys.argv[1]}/{step}")
+    print("saved", step, flush=True)
+"""
+
+
+def test_injected_faults_fire_after_the_files_are_written(tmp_path):
+    """A real Accelerator's save_state under faults.fail_in_save / hang_in_save: the step-7 save
+    fails (or hangs, its pid in the marker) once its files are written; step 6 and a process
+    without the fault environment save normally."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from . import faults
+    from .mp_utils import _env
+
+    def start(out: Path, env: dict[str, str]) -> subprocess.Popen:
+        cmd = [sys.executable, "-c", _SAVES, str(out)]
+        return subprocess.Popen(
+            cmd, env={**_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    failing = start(tmp_path / "fail", faults.fail_in_save(7))
+    marker = tmp_path / "hung.pid"
+    hanging = start(tmp_path / "hang", faults.hang_in_save(7, 0, marker))
+    plain = start(tmp_path / "plain", {})
+    out, err = failing.communicate(timeout=120)
+    assert failing.returncode != 0 and "injected failure in the step-7 save" in err, err[-2000:]
+    assert out.split("\n")[:1] == ["saved 6"] and peek_train_state(tmp_path / "fail" / "7")["step"] == 7
+    deadline = time.monotonic() + 120
+    while not marker.exists() and hanging.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert marker.exists(), hanging.communicate(timeout=30)
+        assert (
+            int(marker.read_text()) == hanging.pid and peek_train_state(tmp_path / "hang" / "7")["step"] == 7
+        )
+    finally:
+        hanging.send_signal(signal.SIGKILL)
+        hanging.wait(timeout=30)
+    out, err = plain.communicate(timeout=120)
+    assert plain.returncode == 0 and out.split() == ["saved", "6", "saved", "7"], err[-2000:]

@@ -24,6 +24,7 @@ from accel_tp.checkpoint.format import DS_TAG, TRAIN_STATE_FILE, model_states_fi
 from accel_tp.config import load_config
 from accel_tp.run_folder import EXPORT_DIR, METRICS_FILE, PLOT_FILE
 
+from . import faults
 from .mp_utils import ROOT, TINY, _env, set_args
 from .reference import reference_run
 
@@ -76,18 +77,17 @@ def s3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Head without CPUs + 2 nodes x 2 CPUs. The raylets inherit this environment: the fault hook
-    for the lost-node test, fast health checks, and a short worker-group start timeout (a group
-    sized before Ray noticed a dead node is given up in 20 s instead of 60)."""
+    """Head without CPUs + 2 nodes x 2 CPUs. The raylets inherit this environment: the lost-node
+    test's fault (it fires only in workers whose driver puts tests/fault_injection on PYTHONPATH),
+    fast health checks, and a short worker-group start timeout (a group sized before Ray noticed a
+    dead node is given up in 20 s instead of 60)."""
     from ray.cluster_utils import Cluster
 
     marker = tmp_path_factory.mktemp("hang") / "hung"
     env = {
-        "ACCEL_TP_CHECKPOINT_HOOK": "tests.faults:hang_in_save",
-        "HANG_IN_SAVE": f"{HANG_STEP}:2:{marker}",
+        **faults.hang_in_save(HANG_STEP, 2, marker),  # with PYTHONPATH: the repository, the fault folder
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -339,7 +339,10 @@ def test_a_lost_node_continues_on_fewer_workers_with_the_same_losses(cluster, ca
     cmd = [sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY),
            "--address", cluster["cluster"].address, *set_args(ov)]  # fmt: skip
     log = open(tmp_path / "run.log", "w")  # noqa: SIM115 - the child writes it until it exits
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    # The driver hands its PYTHONPATH to the workers (launch.run_ray): with the fault-injection folder
+    # on it, rank 2 hangs in the step-8 save (the cluster's environment names the fault).
+    env = {**_env(), "PYTHONPATH": faults.pythonpath()}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     marker, removed = cluster["marker"], None
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:

@@ -27,8 +27,8 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     ov = {**base_overrides(cache, tmp_path / "runs"), **layout(2, 1), "model.compile": True}
     ov.update({"run.name": "compiled", "checkpoint.export_hf": False})
-    monkeypatch.setenv("ACCEL_TP_CHECKPOINT_HOOK", faults.FAIL_HOOK)
-    monkeypatch.setenv(faults.FAIL_ENV, str(STEPS))
+    for k, v in faults.fail_in_save(STEPS).items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-node-a"))
     first = accelerate_launch(2, ov)
     assert (

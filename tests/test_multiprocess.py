@@ -550,7 +550,7 @@ def test_ray_kill_mid_checkpoint_resumes_from_previous(runs, tmp_path, cache):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from accel_tp.export import ray_registered
+    from accel_tp.checkpoint import ray_registered
 
     from . import faults
     from .mp_utils import _env
@@ -569,8 +569,7 @@ def test_ray_kill_mid_checkpoint_resumes_from_previous(runs, tmp_path, cache):
         **_env(),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # as in test_ray_survives_a_killed_worker
         # Rank 1 stops inside the step-10 save, after writing its files, before reporting them.
-        "ACCEL_TP_CHECKPOINT_HOOK": faults.HOOK,
-        faults.SPEC_ENV: f"10:1:{marker}",
+        **faults.hang_in_save(10, 1, marker),
     }
     log = open(tmp_path / "ray.log", "w")  # noqa: SIM115 - the child writes it until it exits
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

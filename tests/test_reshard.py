@@ -168,7 +168,7 @@ def test_ray_run_restored_under_its_name_on_another_layout(source, tmp_path):
         )
 
     # tp2 x dp1 saves step 8, then fails in its step-16 save (the same 16-step schedule as the source).
-    first = ray_run(2, 1, {"ACCEL_TP_CHECKPOINT_HOOK": faults.FAIL_HOOK, faults.FAIL_ENV: str(STEPS)})
+    first = ray_run(2, 1, faults.fail_in_save(STEPS))
     assert first.returncode != 0 and "injected failure in the step-16 save" in first.stdout + first.stderr
     second = ray_run(1, 2, {})  # the same name: Ray restores it, accel-tp reshards
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
