@@ -40,13 +40,13 @@ def _entry(section: DataSection) -> Path:
 class Counter:
     def __init__(self, monkeypatch) -> None:
         self.calls = 0
-        real = tokenize_mod.tokenize_dataset
+        real = tokenize_mod.tokenize_text_dataset
 
         def counted(*a, **k):
             self.calls += 1
             return real(*a, **k)
 
-        monkeypatch.setattr(tokenize_mod, "tokenize_dataset", counted)
+        monkeypatch.setattr(tokenize_mod, "tokenize_text_dataset", counted)
 
 
 def test_published_cache_has_a_manifest_and_is_readable_by_others(section, default_tokenizer, monkeypatch):

@@ -459,7 +459,7 @@ def test_tokenized_cache_build_reuse_and_keys(tmp_path: Path, default_tokenizer,
     def no_tokenize(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("re-tokenized although the cache exists")
 
-    monkeypatch.setattr(tokenize_mod, "tokenize_dataset", no_tokenize)
+    monkeypatch.setattr(tokenize_mod, "tokenize_text_dataset", no_tokenize)
     for is_main in (True, False):
         again = load_or_build_tokenized(section, default_tokenizer, is_main, barrier)
         assert [list(x) for x in again["input_ids"]] == [list(x) for x in first["input_ids"]]

@@ -1,5 +1,9 @@
 """Where documents come from: the embedded corpus, the hub or local files, and the checks the
-driver runs on local files before any worker starts."""
+driver runs on local files before any worker starts.
+
+Those checks read every file once (row by row, parquet by column) so that a bad file fails on the
+driver in seconds, naming the file and row, not inside tokenizers / datasets on every worker.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from typing import Any
 
 from ..chat import check_chat_tokenizer, check_conversation, load_default_conversations
 from ..config import ConfigError, DataSection
+from ..errors import DataError
 
-__all__ = ["check_data_sources", "load_split", "load_text_dataset"]
+__all__ = ["check_data_sources", "load_split", "load_text_dataset", "describe_value"]
 
 _FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -23,9 +28,9 @@ def _first_percent(ds: Any, percentage: float) -> Any:
 
 
 def check_data_sources(section: DataSection, tokenizer: Any = None, files: bool = True) -> None:
-    """Check local data files before any worker starts: they exist, are readable, parse, have the
-    text field (chat: every row's messages field holds {role, content} messages of known roles),
-    and hold at least one document; with a `tokenizer`, that chat data has a template to render
+    """Check local data files before any worker starts: they exist, are readable, are UTF-8 (text
+    and JSON), parse, have the text field holding a string in every row (chat: every row's messages
+    field holds {role, content} messages of known roles), and hold at least one document; with a `tokenizer`, that chat data has a template to render
     with (`files` False: only that). (Hub datasets are checked where they load.)"""
     if section.format == "chat" and tokenizer is not None:
         check_chat_tokenizer(tokenizer)
@@ -66,14 +71,23 @@ def _data_files(section: DataSection) -> tuple[list[Path], str]:
 
 
 def _count_documents(path: Path, field: str, chat: bool = False) -> int:
-    """Non-empty documents (chat: conversations) in one file; a parse error, a missing field or a
-    malformed conversation names the file and row."""
+    """Non-empty documents (chat: conversations) in one file; a parse error, a missing field, a
+    text that is not a string or a malformed conversation names the file and row, bytes that are
+    not UTF-8 their offset and line."""
     kind = _FILE_BUILDERS[path.suffix.lower()]
     setting = "data.messages_field" if chat else "data.text_field"
     what = "messages" if chat else "text"
     if kind == "text":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return sum(1 for line in f if line.strip())
+        documents, offset = 0, 0
+        with open(path, "rb") as f:
+            # Line by line: a UTF-8 sequence never holds a newline byte, so no character spans two.
+            for n, line in enumerate(f, start=1):
+                try:
+                    documents += bool(line.decode("utf-8").strip())
+                except UnicodeDecodeError as e:
+                    raise _not_utf8(path, offset + e.start, n, line[e.start]) from None
+                offset += len(line)
+        return documents
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -93,9 +107,15 @@ def _count_documents(path: Path, field: str, chat: bool = False) -> int:
                 for messages in batch.column(0).to_pylist():
                     n += 1
                     check_conversation(messages, f"{str(path)!r} row {n}")
+        else:
+            _check_text_column(pf, path, field)
         return pf.metadata.num_rows
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e.start, raw.count(b"\n", 0, e.start) + 1, raw[e.start]) from None
+    del raw  # the parsed rows are held next; not the file twice
     rows: list[tuple[int, Any]]
     try:  # a .json file may hold one JSON array (or object) instead of JSON lines
         whole = json.loads(text)
@@ -123,9 +143,73 @@ def _count_documents(path: Path, field: str, chat: bool = False) -> int:
         if chat:
             check_conversation(row[field], f"{str(path)!r} row {n}")
             documents += 1
+        elif isinstance(row[field], str):
+            documents += bool(row[field].strip())
         else:
-            documents += bool(str(row[field] or "").strip())
+            raise _not_text(f"{str(path)!r} row {n}", field, describe_value(row[field]))
     return documents
+
+
+def describe_value(value: Any) -> str:
+    """What a JSON-like value is, for an error message ("null", "a number (42)", "a list", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _not_text(where: str, field: str, what: str) -> DataError:
+    return DataError(
+        f"data.text_field: {where}: {field!r} holds {what}, not a string; every document's {field!r} must be "
+        "its text. Fix or remove that row, or set data.text_field to the field that holds the text."
+    )
+
+
+def _not_utf8(path: Path, offset: int, line: int, byte: int) -> DataError:
+    return DataError(
+        f"data.files: {str(path)!r} is not UTF-8 text: byte {offset} (line {line}) is 0x{byte:02x}. Data files "
+        "are read as UTF-8: convert the file (e.g. iconv -f latin1 -t utf-8 IN > OUT) or fix that line."
+    )
+
+
+def _check_text_column(pf: Any, path: Path, field: str) -> None:
+    """A parquet text column holds strings, none null (a null names its row). Row groups whose
+    statistics count no null are not read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = pf.schema_arrow.field(field).type
+    value_kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not (pa.types.is_string(value_kind) or pa.types.is_large_string(value_kind)):
+        first = (
+            next(pf.iter_batches(batch_size=1, columns=[field])).column(0)[0].as_py()
+            if pf.metadata.num_rows
+            else None
+        )
+        raise DataError(
+            f"data.text_field: {str(path)!r} column {field!r} is of type {kind} (row 1 holds "
+            f"{describe_value(first)}), not text; set data.text_field to the column that holds the text."
+        )
+    meta = pf.metadata
+    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    start = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        stats = group.column(leaves.index(field)).statistics if field in leaves else None
+        if stats is None or not stats.has_null_count or stats.null_count:
+            nulls = pc.is_null(pf.read_row_group(g, columns=[field]).column(0))
+            if pc.any(nulls).as_py():
+                raise _not_text(
+                    f"{str(path)!r} row {start + pc.index(nulls, True).as_py() + 1}", field, "null"
+                )
+        start += group.num_rows
 
 
 def load_split(section: DataSection, which: str) -> Any:
