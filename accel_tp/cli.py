@@ -92,6 +92,12 @@ def main_export(argv: list[str] | None = None) -> int:
     add_set_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument(
+        "--trust-pickles",
+        action="store_true",
+        help="load the checkpoint's files even where they hold more than weights (unpickling can run "
+        "code: only for a checkpoint you wrote)",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", *DTYPES],
@@ -101,7 +107,13 @@ def main_export(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         out = export_checkpoint(
-            args.checkpoint, args.out, args.config, args.overrides, args.overwrite, args.dtype
+            args.checkpoint,
+            args.out,
+            args.config,
+            args.overrides,
+            args.overwrite,
+            args.dtype,
+            args.trust_pickles,
         )
         print(f"[accel-tp] exported {args.checkpoint} -> {out}")
 

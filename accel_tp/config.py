@@ -428,9 +428,15 @@ class CheckpointSection:
     at_end: bool = True
     # Keep only the newest N checkpoints (Ray: CheckpointConfig(num_to_keep)); None keeps all.
     keep_last: int | None = None
-    # Loading a checkpoint unpickles it, so resume_from must lie under this run's own checkpoint
-    # folder unless this is set (only for checkpoints you trust).
+    # resume_from must lie under this run's own checkpoint folder unless this is set: a checkpoint
+    # from elsewhere may be of another run, and with trust_pickles its files could run code.
     allow_external_resume: bool = False
+    # Every pickle of a checkpoint is loaded weights-only (tensors, plain containers and the few
+    # DeepSpeed / numpy classes accel-tp's own checkpoints hold), so a file that would run code is
+    # refused, naming it. True loads it as DeepSpeed and Accelerate do (a checkpoint you wrote whose
+    # files hold other classes, e.g. from another DeepSpeed version): unpickling can then run code.
+    # Read from your YAML / --set only, never from a checkpoint's own recorded config.
+    trust_pickles: bool = False
     # At the end of training, also write a consolidated Hugging Face model (safetensors, config,
     # tokenizer) to <run output folder>/hf.
     export_hf: bool = False

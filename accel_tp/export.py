@@ -14,6 +14,7 @@ Two ways in, one gathering path:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from .checkpoint.format import (
     steps_under,
     tmp_name,
 )
+from .checkpoint.safe_load import verify_checkpoint, weights_only_loads
 from .compat.transformers import without_hf_zero3_init
 from .config import Config, ConfigError, load_config
 from .env import apply_worker_env, free_port, quiet_libraries
@@ -241,6 +243,7 @@ def _export_worker(
     out_dtype: str,
     tp_size: int,
     zero3: bool,
+    trust_pickles: bool,
 ) -> None:
     """One rank of the export (spawned; tp_size ranks, ZeRO-3: dp x tp). CPU and gloo, also on a GPU
     machine."""
@@ -291,16 +294,20 @@ def _export_worker(
     if zero3:
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate)
         engine, _ = accelerator.prepare(model, optimizer)
-        loaded, _ = engine.load_checkpoint(ckpt, tag=DS_TAG, load_lr_scheduler_states=False)
     else:
         engine = accelerator.prepare(model)
-        loaded, _ = engine.load_checkpoint(
-            ckpt,
-            tag=DS_TAG,
-            load_module_only=True,
-            load_optimizer_states=False,
-            load_lr_scheduler_states=False,
-        )
+    # export_checkpoint checked every file; forced here too, so a file replaced since can only fail.
+    with contextlib.nullcontext() if trust_pickles else weights_only_loads():
+        if zero3:
+            loaded, _ = engine.load_checkpoint(ckpt, tag=DS_TAG, load_lr_scheduler_states=False)
+        else:
+            loaded, _ = engine.load_checkpoint(
+                ckpt,
+                tag=DS_TAG,
+                load_module_only=True,
+                load_optimizer_states=False,
+                load_lr_scheduler_states=False,
+            )
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}/{DS_TAG}")
     engine.eval()
@@ -315,15 +322,20 @@ def export_checkpoint(
     overrides: list[str] | None = None,
     overwrite: bool = False,
     dtype: str = "auto",
+    trust_pickles: bool = False,
 ) -> Path:
     """Write a consolidated Hugging Face model (safetensors, config.json, tokenizer) from a checkpoint.
 
     The model and tokenizer come from `config` (the run's YAML; `overrides` are its `--set` values)
     or, without it, from the run config the checkpoint records. `dtype` "auto" keeps the training
     precision. The export is written under a temporary name and renamed when complete.
+    `trust_pickles` (--trust-pickles) skips the weights-only check of the checkpoint's files; it is
+    never taken from a config, the checkpoint's recorded one included.
     """
     if is_remote(checkpoint) or is_remote(out_dir):
-        return _export_remote(str(checkpoint), str(out_dir), config, overrides, overwrite, dtype)
+        return _export_remote(
+            str(checkpoint), str(out_dir), config, overrides, overwrite, dtype, trust_pickles
+        )
     info = inspect_checkpoint(checkpoint)
     out = Path(out_dir).expanduser()
     _check_out_dir(out, info.path, overwrite)
@@ -347,6 +359,8 @@ def export_checkpoint(
             f"builds ({built}); pass the run's own YAML (--config) and its --set overrides (model.*)."
         )
     load_dtype = str(info.dtype).removeprefix("torch.")
+    if not trust_pickles:
+        verify_checkpoint(info.path)  # before any worker starts: a one-line error naming the file
 
     tmp = out.parent / tmp_name(out.name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -368,6 +382,7 @@ def export_checkpoint(
                 load_dtype if dtype == "auto" else dtype,
                 info.tp_size,
                 _is_zero3(info.path),
+                trust_pickles,
             ),
             nprocs=info.tp_size * info.dp_size,
             join=True,
@@ -389,6 +404,7 @@ def _export_remote(
     overrides: list[str] | None,
     overwrite: bool,
     dtype: str,
+    trust_pickles: bool,
 ) -> Path | str:
     """export_checkpoint for a checkpoint and/or an output on object storage: the checkpoint is
     brought down into a temporary folder (after checking Ray registered it), the export is written
@@ -424,11 +440,13 @@ def _export_remote(
                 raise ConfigError(f"--checkpoint: no checkpoint at {checkpoint!r}.")
             local_ckpt = download(checkpoint, Path(tmp) / "checkpoint" / name)
         if not is_remote(out_dir):
-            return export_checkpoint(local_ckpt, out_dir, config, overrides, overwrite, dtype)
+            return export_checkpoint(local_ckpt, out_dir, config, overrides, overwrite, dtype, trust_pickles)
         if exists(join(out_dir, RAY_SNAPSHOT_FILE)):
             raise ConfigError(f"--out: {out_dir!r} is a Ray run folder; write the export elsewhere.")
         if exists(out_dir) and not overwrite:
             raise ConfigError(f"--out: {out_dir!r} exists; pass --overwrite to replace it, or another --out.")
-        local_out = export_checkpoint(local_ckpt, Path(tmp) / "out", config, overrides, False, dtype)
+        local_out = export_checkpoint(
+            local_ckpt, Path(tmp) / "out", config, overrides, False, dtype, trust_pickles
+        )
         replace_folder(local_out, out_dir)
         return out_dir

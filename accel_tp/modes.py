@@ -53,6 +53,7 @@ class LocalMode:
             run_config=cfg.to_dict(),
             every_steps=cfg.checkpoint.every_steps,
             at_end=cfg.checkpoint.at_end,
+            trust_pickles=cfg.checkpoint.trust_pickles,
         )
 
     def reporter(self, cfg: Config, accelerator: Any, **kwargs: Any) -> Reporter:
@@ -75,6 +76,7 @@ class RayMode:
             run_config=cfg.to_dict(),
             every_steps=cfg.checkpoint.every_steps,
             at_end=cfg.checkpoint.at_end,
+            trust_pickles=cfg.checkpoint.trust_pickles,
         )
 
     def reporter(self, cfg: Config, accelerator: Any, **kwargs: Any) -> Reporter:

@@ -28,7 +28,8 @@ LAYERS: list[set[str]] = [
     {"modes"},
     {"export", "reporting"},
     {
-        "data",
+        "data.cache",
+        "data.loader",
         "parallelize",
         "checkpoint.local",
         "checkpoint.ray",
@@ -40,6 +41,8 @@ LAYERS: list[set[str]] = [
     {"checkpoint.universal", "checkpoint.base"},
     {"checkpoint.rules"},
     {"checkpoint.format"},
+    {"data.tokenize"},
+    {"data.sources", "data.packing"},
     {"model"},
     {"parallel"},
     {"families"},
@@ -53,6 +56,8 @@ LAYERS: list[set[str]] = [
         "compat.ray",
         "compat.torch",
         "compat.transformers",
+        "checkpoint.safe_load",
+        "vocab_parallel",
     },
     {"errors"},
 ]

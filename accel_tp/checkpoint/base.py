@@ -55,7 +55,8 @@ def _zero_stage_of(accelerator: Any) -> int | None:
 
 class CheckpointerBase:
     """The cadence (`every_steps`: 0 never mid-run; `at_end`: the last step too) and the objects
-    saved with the engine. `run_config`: the run's config, written into every checkpoint."""
+    saved with the engine. `run_config`: the run's config, written into every checkpoint.
+    `trust_pickles`: load checkpoints without the weights-only check (checkpoint.trust_pickles)."""
 
     def __init__(
         self,
@@ -64,8 +65,10 @@ class CheckpointerBase:
         run_config: dict[str, Any] | None = None,
         every_steps: int = 0,
         at_end: bool = False,
+        trust_pickles: bool = False,
     ) -> None:
         self.accelerator = accelerator
+        self.trust_pickles = trust_pickles
         self.state = state
         self.run_config = run_config
         self.every_steps = every_steps

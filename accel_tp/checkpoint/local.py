@@ -33,8 +33,9 @@ class LocalCheckpointer(CheckpointerBase):
         run_config: dict[str, Any] | None = None,
         every_steps: int = 0,
         at_end: bool = False,
+        trust_pickles: bool = False,
     ) -> None:
-        super().__init__(accelerator, state, run_config, every_steps, at_end)
+        super().__init__(accelerator, state, run_config, every_steps, at_end, trust_pickles)
         self.root = Path(root)
         self.resume_from = resume_from
         self.keep_last = keep_last
@@ -84,5 +85,11 @@ class LocalCheckpointer(CheckpointerBase):
         path = self._resume_path()
         if path is None:
             return 0
-        load_checkpoint(self.accelerator, self.state, str(path), "checkpoint.resume_from")
+        load_checkpoint(
+            self.accelerator,
+            self.state,
+            str(path),
+            "checkpoint.resume_from",
+            trust_pickles=self.trust_pickles,
+        )
         return self.state.step

@@ -61,7 +61,7 @@ class RayCheckpointer(CheckpointerBase):
         if is_local(ckpt):
             # The storage folder itself: a resharding conversion is cached beside it like a local
             # checkpoint's.
-            load_checkpoint(self.accelerator, self.state, ckpt.path, _WHERE)
+            load_checkpoint(self.accelerator, self.state, ckpt.path, _WHERE, trust_pickles=self.trust_pickles)
             return self.state.step
         # Remote storage: one download per node, shared by its workers; a resharding conversion
         # goes to node-local temporary space too. Both are named after the checkpoint's storage
@@ -87,7 +87,9 @@ class RayCheckpointer(CheckpointerBase):
             )
         # No barrier on failure (another rank may be in a collective): the complete download is then
         # left for a retry of the same checkpoint, which reuses it and removes it after its load.
-        load_checkpoint(acc, self.state, str(folder), _WHERE, cache, node_local=True)
+        load_checkpoint(
+            acc, self.state, str(folder), _WHERE, cache, node_local=True, trust_pickles=self.trust_pickles
+        )
         acc.wait_for_everyone()
         if acc.is_local_main_process:
             shutil.rmtree(folder.parent, ignore_errors=True)

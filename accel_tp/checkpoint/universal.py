@@ -23,6 +23,7 @@ from ..compat.accelerate import prepared_engines
 from ..compat.deepspeed import universal_load
 from .format import DS_TAG, UNIVERSAL_LOG_FILE, UNIVERSAL_SUFFIX, TrainState, peek_train_state, tmp_name
 from .rules import check_resume, reshard_plan
+from .safe_load import verify_checkpoint, weights_only_loads
 
 __all__ = ["universal_cache_for", "convert_to_universal", "load_checkpoint"]
 
@@ -91,22 +92,31 @@ def load_checkpoint(
     where: str,
     cache: Path | None = None,
     node_local: bool = False,
+    trust_pickles: bool = False,
 ) -> None:
     """check_resume, then load `path` natively, or resharded through the universal cache `cache`
     (default: beside `path`). `node_local`: the cache is in node-local temporary space (a remote
-    Ray checkpoint), converted by each node's local main process and removed after the load."""
+    Ray checkpoint), converted by each node's local main process and removed after the load.
+    Every pickle of `path` (and of its universal conversion) is checked weights-only on every rank
+    before anything loads it, and each load is forced weights-only (safe_load.py), unless
+    `trust_pickles` (checkpoint.trust_pickles)."""
     saved = peek_train_state(path)
     check_resume(saved, state, where)
     plan = reshard_plan(saved, state)
+    guard = contextlib.nullcontext if trust_pickles else weights_only_loads
+    if not trust_pickles:
+        verify_checkpoint(path)  # every rank, before any collective: all fail alike, naming the file
     if plan is None:
-        accelerator.load_state(path)
+        with guard():
+            accelerator.load_state(path)
         return
     cache = cache or universal_cache_for(path)
     converter = accelerator.is_local_main_process if node_local else accelerator.is_main_process
     error = None
     if converter:
         try:
-            convert_to_universal(path, cache, private_tmp=node_local)
+            with guard():
+                convert_to_universal(path, cache, private_tmp=node_local)
         except Exception as e:  # noqa: BLE001 - every rank must pass the barrier, then fail together
             error = e
     accelerator.wait_for_everyone()
@@ -122,7 +132,9 @@ def load_checkpoint(
             f"(DeepSpeed universal checkpoint, cached in {cache})",
             flush=True,
         )
-    with universal_load(prepared_engines(accelerator)):
+    if not trust_pickles:
+        verify_checkpoint(cache)  # written by us, but in a folder others may write to
+    with guard(), universal_load(prepared_engines(accelerator)):
         accelerator.load_state(str(cache))
     if node_local:
         accelerator.wait_for_everyone()
