@@ -40,6 +40,7 @@ from .checkpoint.safe_load import verify_checkpoint, weights_only_loads
 from .compat.transformers import without_hf_zero3_init
 from .config import Config, ConfigError, load_config
 from .env import apply_worker_env, free_port, quiet_libraries
+from .errors import ExportError
 from .model import load_tokenizer, model_config, model_fingerprint, param_groups
 from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin
 from .run_folder import CHECKPOINTS_DIR
@@ -56,6 +57,8 @@ __all__ = [
 
 # Beside an end-of-training export: a training batch and the trained model's logits and loss on it.
 EXPORT_CHECK_FILE = "export_check.pt"
+# Written into every export: --overwrite replaces only a folder that holds it.
+EXPORT_MARKER = ".accel-tp-export"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -95,6 +98,7 @@ def export_hf(
         out.mkdir(parents=True, exist_ok=True)
         model.config.use_cache = True
         model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        (out / EXPORT_MARKER).write_text("written by accel-tp; --overwrite may replace this folder\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         if check is not None:
@@ -217,18 +221,32 @@ def _is_zero3(checkpoint: Path) -> bool:
 
 
 def _check_out_dir(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """The export replaces `out` whole, so `out` must be a new or empty folder, or (with
+    --overwrite) an earlier export: never the working directory, the home folder, a folder around
+    the checkpoint, or a folder of the user's own files."""
     out_r, ck_r = out.resolve(), checkpoint.resolve()
+    if out_r in {Path.cwd().resolve(), Path.home().resolve(), Path(out_r.anchor)}:
+        raise ExportError(
+            f"--out: {str(out)!r} is {out_r} (the working directory, home or the filesystem root); the "
+            "export replaces its folder whole. Pick a new folder, e.g. --out exports/my-model."
+        )
     if ck_r.is_relative_to(out_r) or out_r.is_relative_to(ck_r):
-        raise ConfigError(
+        raise ExportError(
             f"--out: {str(out)!r} overlaps the checkpoint {str(checkpoint)!r}; pick a folder outside it."
         )
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {str(out)!r} is a file; pick a folder.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"--out: {str(out)!r} exists and is not empty; pick a new folder, or pass --overwrite to "
-            "replace its contents."
-        )
+        raise ExportError(f"--out: {str(out)!r} is a file; pick a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / EXPORT_MARKER).is_file():
+            raise ExportError(
+                f"--out: {str(out)!r} holds files accel-tp did not write (no {EXPORT_MARKER}); the export "
+                "never deletes them. Pick a new folder."
+            )
+        if not overwrite:
+            raise ExportError(
+                f"--out: {str(out)!r} holds an earlier export; pick a new folder, or pass --overwrite to "
+                "replace it."
+            )
 
 
 def _export_worker(
@@ -345,6 +363,15 @@ def export_checkpoint(
         cfg = load_config(config, overrides)
     elif info.run_config is not None:
         cfg = load_config(info.run_config, overrides)
+        user_set = any(o.split("=", 1)[0].strip() == "model.trust_remote_code" for o in overrides or [])
+        if cfg.model.trust_remote_code and not user_set:
+            # The recorded config is part of the checkpoint being loaded: it must not decide to run
+            # the model folder's Python code.
+            raise ExportError(
+                f"--checkpoint: its recorded config ({RUN_CONFIG_FILE}) sets model.trust_remote_code: true, "
+                f"which would run Python code from {cfg.model.name_or_path!r}. If you trust that model "
+                "folder, say so yourself: --set model.trust_remote_code=true (or --config your YAML)."
+            )
     else:
         raise ConfigError(
             f"--config: {str(info.path)!r} does not record its run config ({RUN_CONFIG_FILE}); pass the "
@@ -388,10 +415,13 @@ def export_checkpoint(
             join=True,
             start_method="spawn",
         )
-        # Replaced only now, so a failed export never leaves a half-written model at `out`.
+        # Replaced only now, so a failed export never leaves a half-written model at `out`; the
+        # folder replaced is an earlier export (_check_out_dir) or empty.
+        old = out.parent / tmp_name(out.name + ".replaced")
         if out.is_dir():
-            shutil.rmtree(out)
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -23,7 +23,7 @@ from accel_tp.checkpoint.format import (
 )
 from accel_tp.cli import main_export as main
 from accel_tp.config import load_config
-from accel_tp.export import inspect_checkpoint
+from accel_tp.export import EXPORT_MARKER, inspect_checkpoint
 from accel_tp.run_folder import CHECKPOINTS_DIR
 
 from .mp_utils import TINY
@@ -113,17 +113,49 @@ def test_not_a_checkpoint_names_the_fix(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_out_dir_not_empty_needs_overwrite(tmp_path, capsys):
+def test_out_dir_never_deletes_the_users_files(tmp_path, capsys, monkeypatch):
+    """The export replaces --out whole: a folder of the user's own files is refused, --overwrite or
+    not; only an earlier export (it holds EXPORT_MARKER) may be replaced, and only with --overwrite."""
     ckpt = fake_checkpoint(tmp_path / step_name(4))
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", str(out), "--config", str(TINY)])
-    assert "exists and is not empty" in err and "--overwrite" in err
+    for extra in ([], ["--overwrite"]):
+        err = export_error(
+            capsys, ["--checkpoint", str(ckpt), "--out", str(out), "--config", str(TINY), *extra]
+        )
+        assert "holds files accel-tp did not write" in err and EXPORT_MARKER in err
     assert (out / "keep.txt").read_text() == "mine"
+    # The working directory (".") and the home folder, even with --overwrite.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(work))
+    for where in (".", str(work), "~"):
+        err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", where, "--overwrite"])
+        assert "the working directory, home or the filesystem root" in err
+    assert (work / "notes.txt").read_text() == "mine"
+    # An earlier export needs --overwrite.
+    (out / "keep.txt").unlink()
+    (out / EXPORT_MARKER).write_text("")
+    err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", str(out), "--config", str(TINY)])
+    assert "holds an earlier export" in err and "--overwrite" in err
     # --overwrite never reaches into the checkpoint itself.
     err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", str(tmp_path), "--overwrite"])
     assert "overlaps the checkpoint" in err
+
+
+def test_recorded_trust_remote_code_is_not_taken_from_the_checkpoint(tmp_path, capsys, cache):
+    """Without --config the model comes from the checkpoint's own recorded config: that file must not
+    be able to switch on running the model folder's Python code."""
+    import yaml
+
+    ckpt = fake_checkpoint(tmp_path / step_name(4))
+    recorded = load_config(TINY, [f"data.cache_dir={cache}", "model.trust_remote_code=true"]).to_dict()
+    (ckpt / RUN_CONFIG_FILE).write_text(yaml.safe_dump(recorded))
+    err = export_error(capsys, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "o")])
+    assert "model.trust_remote_code: true" in err and "--set model.trust_remote_code=true" in err
 
 
 def test_missing_config_and_other_model(tmp_path, capsys, cache):
