@@ -15,6 +15,7 @@ import pytest
 from accel_tp.checkpoint import LocalCheckpointer, TrainState, latest_checkpoint
 from accel_tp.checkpoint.format import (
     DS_TAG,
+    MANIFEST_FILE,
     RAY_SNAPSHOT_FILE,
     SCHEDULER_FILE,
     TRAIN_STATE_FILE,
@@ -28,6 +29,7 @@ from accel_tp.checkpoint.format import (
     step_of,
     tmp_name,
 )
+from accel_tp.checkpoint.rules import local_resume_path
 from accel_tp.errors import CheckpointError
 from accel_tp.run_folder import CHECKPOINTS_DIR
 
@@ -63,7 +65,10 @@ def save(ck: LocalCheckpointer, step: int) -> Path:
 def test_save_renames_complete_checkpoint(tmp_path):
     ck = LocalCheckpointer(StandIn(), TrainState(), tmp_path, None)
     out = save(ck, 10)
-    assert out == tmp_path / step_name(10) and len(list(out.iterdir())) == 3
+    assert out == tmp_path / step_name(10)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MANIFEST_FILE, *(f"shard_{i}.pt" for i in range(3))]
+    )
     assert not list(tmp_path.glob(tmp_name("*")))
 
 
@@ -111,8 +116,7 @@ def test_resume_latest_with_nothing_saved_starts_fresh(tmp_path):
 
 
 def test_resume_from_outside_the_run_needs_opt_in(tmp_path):
-    other = tmp_path / "elsewhere" / step_name(10)
-    other.mkdir(parents=True)
+    other = save(LocalCheckpointer(StandIn(), TrainState(), tmp_path / "elsewhere", None), 10)
     ck = LocalCheckpointer(StandIn(), TrainState(), tmp_path / "run" / CHECKPOINTS_DIR, str(other))
     with pytest.raises(CheckpointError, match="allow_external_resume"):
         ck.precheck()
@@ -316,3 +320,43 @@ def test_injected_faults_fire_after_the_files_are_written(tmp_path):
         hanging.wait(timeout=30)
     out, err = plain.communicate(timeout=120)
     assert plain.returncode == 0 and out.split() == ["saved", "6", "saved", "7"], err[-2000:]
+
+
+def test_latest_skips_a_damaged_or_incomplete_checkpoint_and_says_so(tmp_path, capsys):
+    """The manifest (written last) lists every file with its size: a newest step missing a file, or
+    with a truncated one, is skipped by latest, naming the file; given explicitly it is refused."""
+    for step in (10, 20, 30):
+        save(LocalCheckpointer(StandIn(), TrainState(), tmp_path, None), step)
+    (tmp_path / step_name(30) / "shard_1.pt").unlink()
+    (tmp_path / step_name(20) / "shard_2.pt").write_bytes(b"x")
+    notes: list[str] = []
+    assert local_resume_path("latest", tmp_path, False, notes) == tmp_path / step_name(10)
+    assert notes == [
+        f"--resume latest: skipping {step_name(30)}: shard_1.pt is missing",
+        f"--resume latest: skipping {step_name(20)}: shard_2.pt is 1 bytes, 10 when saved (truncated or replaced)",
+    ]
+    with pytest.raises(
+        CheckpointError, match=f"{step_name(30)}.* damaged or incomplete: shard_1.pt is missing"
+    ):
+        local_resume_path(str(tmp_path / step_name(30)), tmp_path, False)
+    # What the checkpointer prints before it loads.
+    LocalCheckpointer(StandIn(), TrainState(), tmp_path, "latest")._resume_path(say=True)
+    assert f"skipping {step_name(30)}: shard_1.pt is missing" in capsys.readouterr().out
+
+
+def test_latest_that_finds_nothing_says_so(tmp_path):
+    notes: list[str] = []
+    assert local_resume_path("latest", tmp_path, False, notes) is None
+    assert notes == [f"--resume latest: no complete checkpoint in {str(tmp_path)!r}; starting from step 0."]
+
+
+def test_latest_resolves_a_symlink_before_the_trust_check(tmp_path):
+    elsewhere = save(LocalCheckpointer(StandIn(), TrainState(), tmp_path / "elsewhere", None), 30)
+    root = tmp_path / "run"
+    save(LocalCheckpointer(StandIn(), TrainState(), root, None), 10)
+    (root / step_name(30)).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(
+        CheckpointError, match=r"--resume latest: .* resolves to .*elsewhere.*allow_external_resume"
+    ):
+        local_resume_path("latest", root, False)
+    assert local_resume_path("latest", root, True) == root / step_name(30)

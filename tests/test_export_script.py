@@ -15,6 +15,7 @@ import torch
 from accel_tp.checkpoint import RUN_CONFIG_FILE, LocalCheckpointer, TrainState
 from accel_tp.checkpoint.format import (
     DS_TAG,
+    MANIFEST_FILE,
     STEP_NAME_PATTERN,
     TRAIN_STATE_FILE,
     model_states_file,
@@ -75,10 +76,10 @@ def test_checkpoint_records_the_run_config(tmp_path):
     cfg = load_config(TINY, ["train.max_steps=70"])
     out = save(LocalCheckpointer(Acc(), TrainState(), tmp_path, None, run_config=cfg.to_dict()), 3)
     assert load_config(out / RUN_CONFIG_FILE) == cfg
-    # Without a run config the folder holds only what save_state writes (the old behaviour).
+    # Without a run config the folder holds what save_state writes, and the manifest of it.
     assert sorted(
         p.name for p in save(LocalCheckpointer(Acc(), TrainState(), tmp_path, None), 4).iterdir()
-    ) == ["model.bin"]
+    ) == sorted([MANIFEST_FILE, "model.bin"])
 
 
 def test_inspect_reads_tp_size_and_dtype_without_weights(tmp_path):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .format import RUN_CONFIG_FILE, TrainState, register_for_checkpointing
+from .format import RUN_CONFIG_FILE, TrainState, list_files, register_for_checkpointing, write_manifest
 
 __all__ = ["Checkpointer", "WrittenCheckpoint", "CheckpointerBase", "write_run_config"]
 
@@ -81,6 +81,20 @@ class CheckpointerBase:
     def should_save(self, step: int, last: bool) -> bool:
         """Whether the optimizer step `step` ends with a checkpoint (`last`: it is the run's last)."""
         return bool(self.every_steps and step % self.every_steps == 0) or (last and self.at_end)
+
+    def _write_manifest(self, folder: str | os.PathLike) -> None:
+        """After every rank has written its files into `folder` (its own, under Ray; a shared one
+        otherwise): rank 0 records all of them, with their sizes, as the checkpoint's manifest."""
+        import torch.distributed as dist
+
+        mine = list_files(folder)
+        every: list[Any] = [mine]
+        if dist.is_initialized():
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, mine)
+        if self.accelerator.is_main_process:
+            write_manifest(folder, {k: v for files in every for k, v in files.items()})
+        self.accelerator.wait_for_everyone()
 
     def _fill_zero_stage(self) -> None:
         # trainer.setup records it; until then (or for callers that do not) take it from the plugin.

@@ -36,6 +36,10 @@ __all__ = [
     "DS_TAG",
     "RUN_CONFIG_FILE",
     "TRAIN_STATE_FILE",
+    "MANIFEST_FILE",
+    "list_files",
+    "write_manifest",
+    "checkpoint_problem",
     "SCHEDULER_FILE",
     "TMP_PREFIX",
     "UNIVERSAL_SUFFIX",
@@ -63,6 +67,9 @@ DS_TAG = MODEL_NAME
 # The run's config (YAML), written into every checkpoint, so a checkpoint names its model and
 # tokenizer (scripts/export_hf.py reads it).
 RUN_CONFIG_FILE = "accel_tp_config.yaml"
+# Every file of the checkpoint (all ranks') with its size, written last: a folder whose files do
+# not match it is damaged or incomplete, and no library is handed it.
+MANIFEST_FILE = "accel_tp_manifest.json"
 # A folder being written; never listed as a checkpoint, replaced by the next save of its name.
 TMP_PREFIX = ".tmp-"
 # A step folder's universal conversion sits beside it under this suffix ("step_N.universal" is not
@@ -184,6 +191,65 @@ def peek_train_state(path: str | os.PathLike) -> dict[str, Any] | None:
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
+def list_files(folder: str | os.PathLike) -> dict[str, int]:
+    """{relative path: size} of every file under `folder` (what this rank wrote there)."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+def write_manifest(folder: str | os.PathLike, files: dict[str, int]) -> None:
+    """Record `files` (every rank's, merged) as the checkpoint's contents; called once all are written."""
+    import json
+
+    files = {k: v for k, v in files.items() if k != MANIFEST_FILE}
+    (Path(folder) / MANIFEST_FILE).write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=0))
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """What is wrong with the checkpoint folder `folder`, in a few words naming the file (None: it
+    is complete). With a manifest: every listed file present at its size. Without one (saved before
+    manifests): the train state and every TP rank's model file that rank 0's file names."""
+    import json
+
+    folder = Path(folder)
+    manifest = folder / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError) as e:
+            return f"{MANIFEST_FILE} is unreadable ({e})"
+        for rel, size in files.items():
+            f = folder / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != size:
+                return f"{rel} is {f.stat().st_size} bytes, {size} when saved (truncated or replaced)"
+        return None
+    if not (folder / TRAIN_STATE_FILE).is_file():
+        return f"{TRAIN_STATE_FILE} is missing"
+    rank0 = folder / DS_TAG / model_states_file(0)
+    if not rank0.is_file():
+        rank0 = folder / DS_TAG / model_states_file(0, 0)
+    if not rank0.is_file():
+        return f"{DS_TAG}/{model_states_file(0)} is missing"
+    import torch
+
+    try:
+        meta = torch.load(rank0, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, or not a DeepSpeed file
+        return f"{rank0.relative_to(folder).as_posix()} is unreadable ({str(e).splitlines()[0] if str(e) else e})"
+    tp = int(meta.get("mp_world_size") or 1)
+    zero3 = rank0.name != model_states_file(0)
+    dp = int(meta.get("dp_world_size") or 1) if zero3 else 1
+    del meta
+    for t in range(tp):
+        for d in range(dp) if zero3 else [None]:
+            name = model_states_file(t, d)
+            if not (folder / DS_TAG / name).is_file():
+                return f"{DS_TAG}/{name} is missing (saved with tp_size {tp})"
+    return None
+
+
 def steps_under(root: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, folder) of the complete `step_N` checkpoints under `root` (temporary ones excluded)."""
     root = Path(root)
@@ -193,10 +259,16 @@ def steps_under(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return [(step, p) for step, p in found if step is not None]
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete `step_N` folder under `root` (temporary folders are ignored)."""
-    steps = steps_under(root)
-    return max(steps)[1] if steps else None
+def latest_checkpoint(root: str | os.PathLike, skipped: list[str] | None = None) -> Path | None:
+    """The newest complete `step_N` folder under `root` (temporary folders are ignored; a damaged
+    or incomplete one is skipped, and what is wrong with it appended to `skipped`)."""
+    for _, path in sorted(steps_under(root), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if skipped is not None:
+            skipped.append(f"{path.name}: {problem}")
+    return None
 
 
 def ray_registered(run_dir: str | os.PathLike) -> list[Path] | None:

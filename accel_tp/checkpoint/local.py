@@ -56,6 +56,7 @@ class LocalCheckpointer(CheckpointerBase):
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
+        self._write_manifest(tmp)  # last: a folder without it (or not matching it) is never loaded
         yield WrittenCheckpoint(name, str(tmp), str(final))
         if acc.is_main_process:
             # A crash before this rename leaves only a .tmp- folder, which load() never picks.
@@ -70,8 +71,13 @@ class LocalCheckpointer(CheckpointerBase):
                     shutil.rmtree(universal_cache_for(old), ignore_errors=True)
         acc.wait_for_everyone()
 
-    def _resume_path(self) -> Path | None:
-        return local_resume_path(self.resume_from, self.root, self.allow_external)
+    def _resume_path(self, say: bool = False) -> Path | None:
+        notes: list[str] = []
+        path = local_resume_path(self.resume_from, self.root, self.allow_external, notes)
+        if say and self.accelerator.is_main_process:
+            for note in notes:
+                print(f"[accel-tp] {note}", flush=True)
+        return path
 
     def precheck(self) -> None:
         """Refuse an incompatible checkpoint before the model is even built."""
@@ -82,7 +88,7 @@ class LocalCheckpointer(CheckpointerBase):
 
     def load(self) -> int:
         self._fill_zero_stage()
-        path = self._resume_path()
+        path = self._resume_path(say=True)
         if path is None:
             return 0
         load_checkpoint(

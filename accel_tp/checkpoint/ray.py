@@ -39,6 +39,7 @@ class RayCheckpointer(CheckpointerBase):
             acc.save_state(tmp)
             # No rank reports before every rank has written: a report uploads this rank's files.
             acc.wait_for_everyone()
+            self._write_manifest(tmp)
             name = step_name(step)
             yield WrittenCheckpoint(name, tmp, f"{name} (reported to Ray)")
 

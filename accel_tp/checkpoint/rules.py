@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..run_folder import CHECKPOINTS_DIR, METRICS_FILE
-from .format import TRAIN_STATE_FILE, TrainState, latest_checkpoint, step_of, steps_under
+from .format import TRAIN_STATE_FILE, TrainState, checkpoint_problem, latest_checkpoint, step_of, steps_under
 
 __all__ = ["check_resume", "reshard_plan", "check_run_folder", "local_resume_path"]
 
@@ -108,23 +108,42 @@ def reshard_plan(saved: dict[str, Any], current: TrainState) -> str | None:
     return f"{_describe(s_layout, s_stage)} -> {_describe(c_layout, c_stage)}"
 
 
-def local_resume_path(resume_from: str | None, root: str | os.PathLike, allow_external: bool) -> Path | None:
+def local_resume_path(
+    resume_from: str | None, root: str | os.PathLike, allow_external: bool, notes: list[str] | None = None
+) -> Path | None:
     """The folder an `accelerate launch` run resumes from (None: a fresh start). `root`: the run's
-    checkpoint folder; "latest" is its newest checkpoint (None if it has none)."""
+    checkpoint folder; "latest" is its newest complete checkpoint (None if it has none; each newer
+    damaged or incomplete one, and a latest that found nothing, is said in `notes`). Paths are
+    resolved, symlinks included, before the trust check."""
     if not resume_from:
         return None
     root = Path(root)
     if resume_from == "latest":
-        return latest_checkpoint(root)
-    path = Path(resume_from)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint.resume_from: no checkpoint folder {str(path)!r}.")
-    if not allow_external and not path.resolve().is_relative_to(root.resolve()):
-        # torch.load unpickles: a checkpoint can run code. Only this run's own are trusted.
+        skipped: list[str] = []
+        path = latest_checkpoint(root, skipped)
+        if notes is not None:
+            notes += [f"--resume latest: skipping {s}" for s in skipped]
+            if path is None:
+                notes.append(
+                    f"--resume latest: no complete checkpoint in {str(root)!r}; starting from step 0."
+                )
+        where = "--resume latest"
+    else:
+        path = Path(resume_from)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint.resume_from: no checkpoint folder {str(path)!r}.")
+        where = "checkpoint.resume_from"
+    if path is not None and not allow_external and not path.resolve().is_relative_to(root.resolve()):
         raise CheckpointError(
-            f"checkpoint.resume_from: {str(path)!r} is outside this run's checkpoint folder "
-            f"{str(root)!r}. Loading a checkpoint unpickles it (it can run code); if you trust it, "
-            "set checkpoint.allow_external_resume: true."
+            f"{where}: {str(path)!r} resolves to {str(path.resolve())!r}, outside this run's checkpoint "
+            f"folder {str(root)!r}. A checkpoint from elsewhere may be another run's; if you trust it, set "
+            "checkpoint.allow_external_resume: true."
+        )
+    problem = checkpoint_problem(path) if path is not None and resume_from != "latest" else None
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint.resume_from: {str(path)!r} is damaged or incomplete: {problem}. Resume from "
+            "another checkpoint (--resume latest takes the newest complete one)."
         )
     return path
 

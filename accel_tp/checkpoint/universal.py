@@ -21,7 +21,16 @@ from typing import Any
 
 from ..compat.accelerate import prepared_engines
 from ..compat.deepspeed import universal_load
-from .format import DS_TAG, UNIVERSAL_LOG_FILE, UNIVERSAL_SUFFIX, TrainState, peek_train_state, tmp_name
+from ..errors import CheckpointError
+from .format import (
+    DS_TAG,
+    UNIVERSAL_LOG_FILE,
+    UNIVERSAL_SUFFIX,
+    TrainState,
+    checkpoint_problem,
+    peek_train_state,
+    tmp_name,
+)
 from .rules import check_resume, reshard_plan
 from .safe_load import verify_checkpoint, weights_only_loads
 
@@ -100,6 +109,9 @@ def load_checkpoint(
     Every pickle of `path` (and of its universal conversion) is checked weights-only on every rank
     before anything loads it, and each load is forced weights-only (safe_load.py), unless
     `trust_pickles` (checkpoint.trust_pickles)."""
+    problem = checkpoint_problem(path)
+    if problem is not None:  # before DeepSpeed sees it: its own errors name no file
+        raise CheckpointError(f"{where}: {path} is damaged or incomplete: {problem}.")
     saved = peek_train_state(path)
     check_resume(saved, state, where)
     plan = reshard_plan(saved, state)
