@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 from .compat.ray import quiet_ray_train_reports
+from .compat.torch import clear_stale_build_locks
 
 __all__ = [
     "allocator_env",
@@ -26,6 +29,9 @@ __all__ = [
     "single_process_env",
 ]
 
+# Whether the user chose the extensions folder (a shared one may be held from another host: its
+# stale locks are named, never removed). Read once, before accel-tp sets its default.
+_USER_SET = frozenset(k for k in ("TORCH_EXTENSIONS_DIR",) if k in os.environ)
 _ALLOC_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 # Shows the libraries' info logs and warnings again (they repeat on every rank otherwise).
 VERBOSE_ENV = "ACCEL_TP_VERBOSE"
@@ -39,6 +45,20 @@ def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
     return mine or {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
+EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+
+
+def extensions_dir(environ: Mapping[str, str]) -> str:
+    """Where torch JIT-builds extensions (DeepSpeed's CPU shm comm op): the user's TORCH_EXTENSIONS_DIR,
+    else a folder of this virtualenv's own, per host. Under torch's default (~/.cache/torch_extensions,
+    shared by every venv of the user) two venvs with different DeepSpeed builds rebuild each other's
+    op at run time, and a build killed there leaves a lock every later process waits on, silently.
+    scripts/install.sh builds the op into the same folder."""
+    if EXTENSIONS_ENV in environ:
+        return environ[EXTENSIONS_ENV]
+    return str(Path(sys.prefix) / "torch_extensions" / socket.gethostname())
+
+
 def worker_env(environ: Mapping[str, str], device_type: str | None = None) -> dict[str, str]:
     """Variables every training / export worker needs, before torch or Accelerate initialise:
     Accelerate picks DeepSpeed from ACCELERATE_USE_DEEPSPEED (without it a CPU Accelerator drops
@@ -48,6 +68,7 @@ def worker_env(environ: Mapping[str, str], device_type: str | None = None) -> di
     env = {
         "ACCELERATE_USE_DEEPSPEED": "true",
         "TOKENIZERS_PARALLELISM": environ.get("TOKENIZERS_PARALLELISM", "false"),
+        EXTENSIONS_ENV: extensions_dir(environ),
         **allocator_env(environ),
     }
     if device_type == "cpu":
@@ -62,7 +83,10 @@ def ray_worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     datasets hashes its map functions with dill, which reads `dis.dis` output that way, so
     hundreds of bytecode lines reached the console. Plain prints still reach the driver through
     Ray's worker log streaming."""
-    return {**worker_env(environ), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env = {**worker_env(environ), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if EXTENSIONS_ENV not in environ:
+        del env[EXTENSIONS_ENV]  # each worker takes its own venv's (apply_worker_env): not the driver's path
+    return env
 
 
 # Ray Train 2.60's controller collects at most one report per worker per poll of its workers
@@ -83,6 +107,8 @@ def ray_driver_env(environ: Mapping[str, str]) -> dict[str, str]:
 def apply_worker_env(device_type: str | None = None) -> None:
     """worker_env applied to this process (call before CUDA initialises and DeepSpeed is imported)."""
     os.environ.update(worker_env(os.environ, device_type))
+    # A lock a killed build left behind would make DeepSpeed wait forever without a word.
+    clear_stale_build_locks(os.environ[EXTENSIONS_ENV], remove=EXTENSIONS_ENV not in _USER_SET)
 
 
 def quiet_libraries() -> None:

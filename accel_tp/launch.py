@@ -21,7 +21,7 @@ from .parallel import Topology, check_tp_heads
 from .parallelize import check_device_support, checkpointed_layer_count
 from .placement import check_cluster_fits, workers_per_node
 from .run_folder import METRICS_FILE, run_folder
-from .storage import AWS_ENV, check_storage, exists, is_remote, join, read_text
+from .storage import AWS_ENV, Credentials, check_storage, exists, is_remote, join, read_text
 from .trainer import run_worker
 
 __all__ = ["preflight", "check_writable", "run_ray", "run_local", "worker_failure"]
@@ -76,6 +76,8 @@ def check_writable(path: str | Path, field: str) -> None:
 
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
+    if loop_config.get("credentials") is not None:
+        loop_config["credentials"].apply()  # before anything touches storage
     run_worker(config_from_dict(loop_config["config"]), RayMode(loop_config["run_root"]))
 
 
@@ -115,13 +117,15 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     # An elastic run may start on as few as ray.min_workers.
     min_workers = cfg.ray.min_workers or world_size
     cpus_needed = min_workers * cfg.ray.cpus_per_worker
+    joined = address is not None or bool(os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
     if not ray.is_initialized():
         # Workers import accel_tp from where the driver did, also when it is not pip-installed.
         pkg_root = str(Path(__file__).resolve().parents[1])
         pythonpath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
         # Workers initialise CUDA before our code runs: the worker environment (DeepSpeed switch,
         # allocator default) goes into their runtime env.
-        # The standard AWS variables too: nodes started without them still reach the run's storage.
+        # The plain AWS variables too (nodes started without them still find the run's storage); the
+        # secret ones travel in memory (storage.Credentials): Ray logs a runtime env in clear text.
         aws = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
         env = {"env_vars": {**ray_worker_env(os.environ), **aws, "PYTHONPATH": pythonpath}}
         # A local instance gets enough logical CPUs for the worker group even on a small machine
@@ -165,9 +169,19 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             flush=True,
         )
     os.environ.update(ray_driver_env(os.environ))  # read by the controller that fit() starts
+    # A local instance's processes inherit this environment, credentials included. On a cluster the
+    # workers get them from the loop config, and Ray Train's controller (which writes the run's
+    # checkpoint records, on whichever node it lands) through a filesystem holding them.
+    credentials = Credentials.from_environ()
+    where: dict[str, Any] = {"storage_path": storage}
+    if joined and credentials is not None and storage.startswith("s3://"):
+        where = {
+            "storage_path": storage.removeprefix("s3://"),
+            "storage_filesystem": credentials.s3_filesystem(),
+        }
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_root": folder.root},
+        train_loop_config={"config": cfg.to_dict(), "run_root": folder.root, "credentials": credentials},
         scaling_config=ScalingConfig(
             num_workers=(min_workers, world_size) if cfg.ray.min_workers else world_size,
             use_gpu=use_gpu,
@@ -177,7 +191,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         run_config=RunConfig(
             name=cfg.run.name,
             **_ray_train_logging(),
-            storage_path=storage,
+            **where,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),

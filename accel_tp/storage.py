@@ -15,6 +15,8 @@ from .config import ConfigError
 
 __all__ = [
     "AWS_ENV",
+    "AWS_SECRET_ENV",
+    "Credentials",
     "is_remote",
     "join",
     "check_storage",
@@ -25,19 +27,54 @@ __all__ = [
     "replace_folder",
 ]
 
-# The standard variables an S3 client reads; forwarded from the driver to Ray workers (which may run
-# on nodes started without them).
+# The standard variables an S3 client reads. The plain ones go to Ray workers (which may run on nodes
+# started without them) through the runtime env; the secret ones never do: Ray writes a job's runtime
+# env into its logs (runtime_env_agent.log, export events) in clear text. They travel in memory,
+# as `Credentials`.
 AWS_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_PROFILE",
     "AWS_CA_BUNDLE",
 )
+AWS_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+class Credentials:
+    """Secret environment values handed to Ray workers in memory (train_loop_config), never in a
+    runtime env; its repr names the variables only, since Ray records the loop config's repr."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = dict(values)
+
+    @classmethod
+    def from_environ(cls) -> Credentials | None:
+        found = {k: os.environ[k] for k in AWS_SECRET_ENV if k in os.environ}
+        return cls(found) if found else None
+
+    def apply(self) -> None:
+        """Into this process's environment (a worker, before it touches storage)."""
+        os.environ.update(self._values)
+
+    def s3_filesystem(self) -> Any:
+        """A pyarrow S3 filesystem holding these keys (for Ray Train's controller, which may run on
+        a node without them)."""
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            access_key=self._values.get("AWS_ACCESS_KEY_ID"),
+            secret_key=self._values.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=self._values.get("AWS_SESSION_TOKEN"),
+            endpoint_override=_endpoint(),
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        )
+
+    def __repr__(self) -> str:
+        return f"Credentials({', '.join(self._values)}: redacted)"
+
+    __str__ = __repr__
 
 
 def is_remote(path: str | os.PathLike) -> bool:

@@ -18,6 +18,8 @@ DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} .venv/bin/python -c "import deepspeed" 2>/
 pip install -q -e ".[dev]"
 # DeepSpeed JIT-compiles its CPU shared-memory collective op on first use; build it once here, so
 # concurrent process groups (tests, exports) only load it and never race on the build lock.
+# Into the folder training processes load it from (accel_tp.env.extensions_dir: this venv's own).
+TORCH_EXTENSIONS_DIR=$(.venv/bin/python -c "import os; from accel_tp.env import extensions_dir; print(extensions_dir(os.environ))") \
 DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
   >/dev/null 2>&1 || true
 # (DeepSpeed only picks its accelerator here; training processes choose their own.)

@@ -37,6 +37,10 @@ GLOBAL = MICRO * ACCUM * DP
 HANG_STEP = 8  # the lost-node run hangs rank 2 in this step's save (no other run saves at it)
 
 
+# moto takes any key; a unique one can be searched for in every file the run and Ray wrote.
+SECRET = "accel-tp-test-" + "secret-4b1f9e"
+
+
 def _free_port() -> int:
     from accel_tp.env import free_port
 
@@ -58,7 +62,7 @@ def s3(tmp_path_factory):
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
@@ -206,6 +210,20 @@ def test_one_tokenization_per_cluster_on_a_shared_cache(s3_run):
     text = s3_run["text"]
     assert text.count("tokenizing the train data") == 1, text[-4000:]
     assert text.count("tokenizing the eval data") == 1
+
+
+def test_the_secret_key_is_in_no_log_or_file(s3_run, s3, cluster):
+    """The nodes were started without credentials, so the workers and Ray Train's controller got them
+    from the driver, but never through a runtime env (Ray writes those into its logs): the secret
+    is in no file of the cluster's Ray session folders, the run's output, or the bucket."""
+    env, client = s3
+    assert SECRET not in s3_run["text"]
+    session = Path(cluster["cluster"].head_node.get_session_dir_path())
+    hits = [str(f) for f in session.rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes()]
+    assert not hits, hits
+    assert list(session.rglob("runtime_env_agent.log"))  # where the runtime env used to be written
+    keys = objects(client, "")
+    assert keys and not [k for k in keys if SECRET.encode() in read_object(client, k)]
 
 
 def test_the_run_folder_lands_in_the_bucket(s3_run, s3, reference):
