@@ -18,10 +18,12 @@ __all__ = [
     "WorkerCrash",
     "EXIT_USER_ERROR",
     "EXIT_CRASH",
+    "EXIT_INTERRUPTED",
 ]
 
 EXIT_USER_ERROR = 2
 EXIT_CRASH = 1
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
 class UserError(ValueError):

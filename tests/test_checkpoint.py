@@ -8,9 +8,13 @@ tests/test_multiprocess.py.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from accel_tp.checkpoint import LocalCheckpointer, TrainState, latest_checkpoint
 from accel_tp.checkpoint.format import (
@@ -29,8 +33,9 @@ from accel_tp.checkpoint.format import (
     step_of,
     tmp_name,
 )
+from accel_tp.checkpoint.ray import remove_stale_saves
 from accel_tp.checkpoint.rules import local_resume_path
-from accel_tp.errors import CheckpointError
+from accel_tp.errors import CheckpointError, StorageError
 from accel_tp.run_folder import CHECKPOINTS_DIR
 
 
@@ -360,3 +365,38 @@ def test_latest_resolves_a_symlink_before_the_trust_check(tmp_path):
     ):
         local_resume_path("latest", root, False)
     assert local_resume_path("latest", root, True) == root / step_name(30)
+
+
+class SavesRealTensors(StandIn):
+    def save_state(self, path: str) -> None:
+        torch.save(torch.zeros(200_000), Path(path) / "model.pt")  # 800 kB
+
+
+def test_a_full_disk_is_said_as_such(tmp_path):
+    """torch's zip writer reports a full disk as 'unexpected pos': the save names the disk and the fix."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        ck = LocalCheckpointer(SavesRealTensors(), TrainState(), disk, None)
+        with pytest.raises(
+            StorageError, match=r"is full .* while saving step 7; nothing of this save is used"
+        ):
+            save(ck, 7)
+        assert latest_checkpoint(disk) is None
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_killed_workers_in_flight_save_is_removed_by_the_next(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"accel-tp-ckpt-{dead.pid}-x1"
+    mine = tmp_path / f"accel-tp-ckpt-{os.getpid()}-x2"
+    for f in (stale, mine):
+        f.mkdir()
+    assert remove_stale_saves(str(tmp_path)) == [stale]
+    assert not stale.exists() and mine.exists()

@@ -62,4 +62,6 @@ def test_exit_codes(capsys):
     )
     with pytest.raises(KeyError):  # anything else keeps its own traceback (Python exits 1)
         _exit_code(raises(KeyError("bug")))
+    assert _exit_code(raises(KeyboardInterrupt())) == 130  # Ctrl-C: the shell's convention
+    assert "interrupted" in capsys.readouterr().err
     assert _exit_code(lambda: None) == 0

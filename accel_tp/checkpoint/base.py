@@ -9,7 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import StorageError
 from .format import RUN_CONFIG_FILE, TrainState, list_files, register_for_checkpointing, write_manifest
+
+# Below this, a failed write is taken to be a full disk.
+_LOW_SPACE = 64 * 2**20
 
 __all__ = ["Checkpointer", "WrittenCheckpoint", "CheckpointerBase", "write_run_config"]
 
@@ -81,6 +85,26 @@ class CheckpointerBase:
     def should_save(self, step: int, last: bool) -> bool:
         """Whether the optimizer step `step` ends with a checkpoint (`last`: it is the run's last)."""
         return bool(self.every_steps and step % self.every_steps == 0) or (last and self.at_end)
+
+    def _save_state(self, folder: str | os.PathLike, step: int) -> None:
+        """Accelerate's save_state into `folder`; a full disk is said as such (torch's zip writer
+        reports it as "unexpected pos" or a bare write error)."""
+        import errno
+        import shutil
+
+        try:
+            self.accelerator.save_state(str(folder))
+        except (OSError, RuntimeError) as e:
+            free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
+            full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e)
+            if not full and (free is None or free > _LOW_SPACE):
+                raise
+            left = f"{free / 2**20:.0f} MiB free" if free is not None else "free space unknown"
+            raise StorageError(
+                f"checkpoint: the disk holding {str(folder)!r} is full ({left}) while saving step {step}; "
+                "nothing of this save is used and the previous checkpoints are intact. Free space, or point "
+                "run.output_dir / ray.storage_path (and TMPDIR for Ray) at a larger disk, then resume."
+            ) from e
 
     def _write_manifest(self, folder: str | os.PathLike) -> None:
         """After every rank has written its files into `folder` (its own, under Ray; a shared one

@@ -54,7 +54,7 @@ class LocalCheckpointer(CheckpointerBase):
             tmp.mkdir(parents=True)
             write_run_config(tmp, self.run_config)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        self._save_state(tmp, step)
         acc.wait_for_everyone()
         self._write_manifest(tmp)  # last: a folder without it (or not matching it) is never loaded
         yield WrittenCheckpoint(name, str(tmp), str(final))

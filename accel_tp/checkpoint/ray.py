@@ -33,10 +33,11 @@ class RayCheckpointer(CheckpointerBase):
         block exits: the block reports it (`ray.train.report(checkpoint=...)`, by the reporter)."""
         acc = self.accelerator
         self._fill_zero_stage()
-        with tempfile.TemporaryDirectory(prefix="accel-tp-ckpt-") as tmp:
+        remove_stale_saves()
+        with tempfile.TemporaryDirectory(prefix=f"{_SAVE_PREFIX}{os.getpid()}-") as tmp:
             if acc.is_main_process:
                 write_run_config(tmp, self.run_config)  # one copy; Ray merges the workers' files
-            acc.save_state(tmp)
+            self._save_state(tmp, step)
             # No rank reports before every rank has written: a report uploads this rank's files.
             acc.wait_for_everyone()
             self._write_manifest(tmp)
@@ -95,6 +96,32 @@ class RayCheckpointer(CheckpointerBase):
         if acc.is_local_main_process:
             shutil.rmtree(folder.parent, ignore_errors=True)
         return self.state.step
+
+
+# A worker's in-flight save, named after its pid: one a killed worker left (Ctrl-C on the driver
+# ends workers without running their cleanup) is removed by the next save on that node.
+_SAVE_PREFIX = "accel-tp-ckpt-"
+
+
+def remove_stale_saves(tmp_root: str | None = None) -> list[Path]:
+    """Remove the in-flight save folders of processes that no longer run; returns them."""
+    removed = []
+    for folder in Path(tmp_root or tempfile.gettempdir()).glob(f"{_SAVE_PREFIX}*-*"):
+        pid = folder.name[len(_SAVE_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def is_local(ckpt: Any) -> bool:
