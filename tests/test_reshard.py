@@ -169,7 +169,14 @@ def test_ray_run_restored_under_its_name_on_another_layout(source, tmp_path):
 
     # tp2 x dp1 saves step 8, then fails in its step-16 save (the same 16-step schedule as the source).
     first = ray_run(2, 1, faults.fail_in_save(STEPS))
-    assert first.returncode != 0 and "injected failure in the step-16 save" in first.stdout + first.stderr
+    # A crash in a worker (not a user error): its own traceback on the console, exit 1.
+    assert first.returncode == 1 and "injected failure in the step-16 save" in first.stderr, first.stderr[
+        -3000:
+    ]
+    assert (
+        "accel-tp: a worker crashed:" in first.stderr and "Traceback (most recent call last)" in first.stderr
+    )
+    assert "config error" not in first.stderr
     second = ray_run(1, 2, {})  # the same name: Ray restores it, accel-tp reshards
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     text = second.stdout + second.stderr
