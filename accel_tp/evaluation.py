@@ -43,11 +43,10 @@ class Validator:
         total = count = 0.0
         with torch.no_grad():
             for mb in self.batches or []:
-                n = float(mb["_label_tokens"])
+                n = float(mb.label_tokens)
                 if n == 0:
                     continue
-                batch = {k: v.to(acc.device) for k, v in mb.items() if not k.startswith("_")}
-                total += float(model(**batch, use_cache=False).loss) * n
+                total += float(model(**mb.to(acc.device).inputs, use_cache=False).loss) * n
                 count += n
         model.train()
         # Both sums count every TP peer: their ratio is unchanged, the token count is divided once.

@@ -80,7 +80,7 @@ def export_hf(
     state_dict = accelerator.get_state_dict(engine)  # collective: every rank must call it
     check = None
     if probe is not None:
-        batch = {k: v.to(accelerator.device) for k, v in probe.items() if not k.startswith("_")}
+        batch = {k: v.to(accelerator.device) for k, v in probe.items()}
         engine.eval()
         with torch.no_grad():
             res = engine(**batch, use_cache=False)

@@ -26,6 +26,7 @@ from .compat.transformers import without_hf_zero3_init
 from .compile_cache import CompileCache, CompileWatch
 from .config import Config
 from .data import (
+    Batch,
     ShardedLoader,
     data_fingerprint,
     elect_cache_builder,
@@ -168,7 +169,7 @@ def build_tokenizer(cfg: Config, accelerator: Any, topo: Topology) -> tuple[Any,
 
 def build_data(
     cfg: Config, accelerator: Any, topo: Topology, tokenizer: Any
-) -> tuple[ShardedLoader, list[dict[str, torch.Tensor]] | None]:
+) -> tuple[ShardedLoader, list[Batch] | None]:
     """This DP rank's training loader and its share of the held-out batches (None: no eval data)."""
     # One rank per filesystem tokenizes (once per cluster on a shared cache, once per node on local disks).
     builder, barrier = elect_cache_builder(cfg.data.resolved_cache_dir()), accelerator.wait_for_everyone
@@ -302,14 +303,15 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
     )
 
 
-def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
+def train_step(rt: Runtime, micro_batches: list[Batch], step: int) -> dict[str, float]:
     """One optimizer step over `grad_accum_steps` micro-batches; returns the global-batch stats."""
     acc, model, topo = rt.accelerator, rt.model, rt.topo
     device = acc.device
     ga = len(micro_batches)
     # Every TP peer holds the same batch, so world-wide sums count each DP batch tp_size times.
     local = [
-        sum(float(mb[k]) for mb in micro_batches) for k in ("_label_tokens", "_real_tokens", "_attn_context")
+        sum(float(getattr(mb, k)) for mb in micro_batches)
+        for k in ("label_tokens", "real_tokens", "attn_context")
     ]
     label_tokens, real_tokens, attn_context = (v / topo.tp_size for v in all_reduce_floats(local, device))
     # HF's loss is sum(token losses) / num_items_in_batch. DeepSpeed then divides by ga (micro-steps)
@@ -320,9 +322,9 @@ def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: 
     # Summed on the device: one host sync per step (at the last micro-batch), not one per micro-batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, mb in enumerate(micro_batches):
-        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items() if not k.startswith("_")}
+        inputs = mb.to(device, non_blocking=True).inputs
         with acc.accumulate(model):
-            out = model(**mb, num_items_in_batch=num_items, use_cache=False)
+            out = model(**inputs, num_items_in_batch=num_items, use_cache=False)
             loss_sum += out.loss.detach().double() * items
             if i == ga - 1:
                 # Check before the last backward, i.e. before the optimizer step touches weights.
@@ -356,7 +358,7 @@ def train_step(rt: Runtime, micro_batches: list[dict[str, torch.Tensor]], step: 
     }
 
 
-def _micro_batch_groups(stream: Iterator[tuple[int, dict]], ga: int) -> Iterator[tuple[int, list[dict]]]:
+def _micro_batch_groups(stream: Iterator[tuple[int, Batch]], ga: int) -> Iterator[tuple[int, list[Batch]]]:
     while True:
         group = [next(stream) for _ in range(ga)]
         yield group[-1][0], [b for _, b in group]
@@ -438,7 +440,7 @@ def train_loop(rt: Runtime) -> dict[str, Any]:
 def _export(rt: Runtime) -> Any:
     # One row of a training batch to check the export against (a whole micro-batch's fp32 logits
     # can be tens of GiB with a large vocabulary).
-    probe = {k: v[:1] for k, v in next(iter(rt.loader.loader)).items() if not k.startswith("_")}
+    probe = next(iter(rt.loader.loader)).first(1)
     return export_hf(rt.accelerator, rt.model, rt.tokenizer, rt.folder.export, probe=probe)
 
 

@@ -21,8 +21,8 @@ def real_fraction(rows: list[dict], collate, micro: int) -> float:
     real = total = 0
     for i in range(0, len(rows) - micro + 1, micro):
         b = collate(rows[i : i + micro])
-        real += int(b["_real_tokens"])
-        total += b["input_ids"].numel()
+        real += int(b.real_tokens)
+        total += b.inputs["input_ids"].numel()
     return real / total
 
 

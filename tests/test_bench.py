@@ -95,7 +95,7 @@ def test_cpu_smoke_run_tp2(tmp_path):
     ds = load_or_build_tokenized(cfg.data, tok, True, lambda: None)
     stream = prepare_dataloader(ds, Topology(2, 2), 8, tok.pad_token_id, cfg.data, cfg.run.seed).stream()
     batches = [next(stream)[1] for _ in range(3)]  # 1 warm-up + 2 timed steps, grad_accum 1
-    assert per_step["accel"] == pytest.approx(sum(int(b["_real_tokens"]) for b in batches[1:]) / 2, rel=1e-9)
+    assert per_step["accel"] == pytest.approx(sum(int(b.real_tokens) for b in batches[1:]) / 2, rel=1e-9)
     for r in rows.values():  # the timed steps fit in the arm's wall time
         assert r["step_ms"] * r["steps"] <= r["wall_s"] * 1e3
     assert "| tiny | 128 | accel |" in proc.stdout

@@ -313,9 +313,9 @@ def test_collate_keeps_chat_labels_and_counts_only_them(packing):
         rows = [{k: v[0] for k, v in packed.items()}]
         assert len(packed["input_ids"]) == 1
     batch = make_collate(1, "longest", 16, packing)(rows)
-    assert int(batch["_label_tokens"]) == 3  # 7, 8, 10: the labelled tokens only
+    assert int(batch.label_tokens) == 3  # 7, 8, 10: the labelled tokens only
     assert sorted(t for t in batch["labels"].flatten().tolist() if t != -100) == [7, 8, 10]
-    assert int(batch["_real_tokens"]) == 7
+    assert int(batch.real_tokens) == 7
 
 
 def test_packed_chat_batch_loss_equals_one_by_one(chat_tokenizers):
@@ -335,9 +335,9 @@ def test_packed_chat_batch_loss_equals_one_by_one(chat_tokenizers):
     assert len(packed["input_ids"]) < len(convs), "the test must pack conversations together"
     rows = [dict(zip(packed, values)) for values in zip(*packed.values())]
     batch = make_collate(tok.pad_token_id, "longest", 256, "document")(rows)
-    n_packed = int(batch["_label_tokens"])
+    n_packed = int(batch.label_tokens)
     with torch.no_grad():
-        packed_loss = model(**{k: v for k, v in batch.items() if not k.startswith("_")}).loss.item()
+        packed_loss = model(**batch.inputs).loss.item()
         total, count = 0.0, 0
         for ids, labels in zip(ds["input_ids"], ds["labels"]):
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
@@ -353,7 +353,7 @@ def test_packed_chat_batch_loss_equals_one_by_one(chat_tokenizers):
         [{"input_ids": r, "position_ids": p} for r, p in zip(packed["input_ids"], packed["position_ids"])]
     )
     with torch.no_grad():
-        all_loss = model(**{k: v for k, v in all_batch.items() if not k.startswith("_")}).loss.item()
+        all_loss = model(**all_batch.inputs).loss.item()
     assert all_loss != pytest.approx(total / count, rel=1e-3)
 
 

@@ -162,8 +162,8 @@ def test_stream_resume_equals_skipped_uninterrupted_stream(start: int, dp_rank: 
     assert len(resumed) == total - start
     for (e1, b1), (e2, b2) in zip(full[start:], resumed):
         assert e1 == e2
-        assert b1.keys() == b2.keys()
-        for k in b1:
+        assert b1.inputs.keys() == b2.inputs.keys()
+        for k in b1.inputs:
             assert torch.equal(b1[k], b2[k])
 
 
@@ -257,8 +257,8 @@ def test_collate_width_mask_and_labels(lengths: list[int], seq_length: int, padd
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
         assert (batch["input_ids"][i, n:] == pad).all()
     # Metadata: every real token, and each target (a real token after the first of its row).
-    assert int(batch["_real_tokens"]) == sum(lengths)
-    assert int(batch["_label_tokens"]) == sum(n - 1 for n in lengths)
+    assert int(batch.real_tokens) == sum(lengths)
+    assert int(batch.label_tokens) == sum(n - 1 for n in lengths)
 
 
 def test_collate_labels_follow_mask_not_pad_id() -> None:
@@ -511,11 +511,11 @@ def test_collate_counts_attention_per_document_when_packed():
         {"input_ids": list(range(4)), "position_ids": [0, 1, 2, 3]},  # one document of 4
     ]
     packed = make_collate(0, "longest", 8, "document")(rows)
-    assert float(packed["_attn_context"]) == 3**2 + 2**2 + 2**2 + 4**2
+    assert float(packed.attn_context) == 3**2 + 2**2 + 2**2 + 4**2
     flat = make_collate(0, "longest", 8, "concat")([{"input_ids": list(range(8))}])
-    assert float(flat["_attn_context"]) == 8 * 8
+    assert float(flat.attn_context) == 8 * 8
     unpacked = make_collate(0, "longest", 16, "none")([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}])
-    assert float(unpacked["_attn_context"]) == 4 * 16
+    assert float(unpacked.attn_context) == 4 * 16
 
 
 def test_batch_splits_model_inputs_from_counts():
@@ -523,11 +523,11 @@ def test_batch_splits_model_inputs_from_counts():
     the counts as fields, kept on the host by .to()."""
     rows = [{"input_ids": list(range(5)), "position_ids": [0, 1, 2, 0, 1]}, {"input_ids": [1, 2]}]
     rows[1]["position_ids"] = [0, 1]
-    out = make_collate(0, "longest", 8, "document")(rows)
-    batch = Batch.from_collated(out)
-    assert set(batch.inputs) == {"input_ids", "labels", "position_ids"}
+    batch = make_collate(0, "longest", 8, "document")(rows)
+    assert isinstance(batch, Batch) and set(batch.inputs) == {"input_ids", "labels", "position_ids"}
     assert float(batch.real_tokens) == 7 and float(batch.attn_context) == 3**2 + 2**2 + 2**2
-    assert int(batch.label_tokens) == int(out["_label_tokens"])
+    # Labels: every token but each document's first (and the row's first).
+    assert int(batch.label_tokens) == int((batch.inputs["labels"][:, 1:] != -100).sum()) == 7 - 3
     moved = batch.to("meta")
     assert all(v.device.type == "meta" for v in moved.inputs.values())
     assert moved.real_tokens.device.type == "cpu"

@@ -79,8 +79,8 @@ def test_document_mode_loss_equals_one_by_one(default_tokenizer):
     assert len(packed["input_ids"]) < len(docs), "the test must actually pack documents together"
     rows = [{"input_ids": r, "position_ids": p} for r, p in zip(packed["input_ids"], packed["position_ids"])]
     batch = make_collate(pad, "longest", 48, "document")(rows)
-    label_tokens = int(batch["_label_tokens"])
-    batch = {k: v for k, v in batch.items() if not k.startswith("_")}
+    label_tokens = int(batch.label_tokens)
+    batch = batch.inputs
     with torch.no_grad():
         packed_loss = model(**batch).loss.item()
 
@@ -88,7 +88,7 @@ def test_document_mode_loss_equals_one_by_one(default_tokenizer):
         for d in docs:
             one = make_collate(pad, "longest", 48)([{"input_ids": d}])
             n = int((one["labels"][:, 1:] != -100).sum())
-            one = {k: v for k, v in one.items() if not k.startswith("_")}
+            one = one.inputs
             total += model(**one).loss.item() * n
             count += n
     assert packed_loss == pytest.approx(total / count, rel=1e-5)
@@ -97,6 +97,6 @@ def test_document_mode_loss_equals_one_by_one(default_tokenizer):
     # Without the per-document positions (plain concatenation) attention crosses documents and
     # the loss differs: the equality above is not an accident.
     concat = make_collate(pad, "longest", 48, "concat")([{"input_ids": r} for r in packed["input_ids"]])
-    concat = {k: v for k, v in concat.items() if not k.startswith("_")}
+    concat = concat.inputs
     with torch.no_grad():
         assert model(**concat).loss.item() != pytest.approx(total / count, rel=1e-3)

@@ -21,9 +21,6 @@ from .packing import LABELS
 
 __all__ = ["Batch", "DPShardedSampler", "ShardedLoader", "make_collate", "prepare_dataloader", "eval_batches"]
 
-# The collate's metadata entries (not model inputs), as Batch's fields name them.
-_META = {"_label_tokens": "label_tokens", "_real_tokens": "real_tokens", "_attn_context": "attn_context"}
-
 
 @dataclass
 class Batch:
@@ -40,11 +37,16 @@ class Batch:
     real_tokens: torch.Tensor
     attn_context: torch.Tensor
 
-    @classmethod
-    def from_collated(cls, out: dict[str, torch.Tensor]) -> Batch:
-        """The Batch of a collate output (model inputs plus its `_`-prefixed counts)."""
-        inputs = {k: v for k, v in out.items() if k not in _META}
-        return cls(inputs, **{field: out[key] for key, field in _META.items()})
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """A model input by name (`batch["input_ids"]`)."""
+        return self.inputs[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.inputs
+
+    def __iter__(self) -> Iterator[str]:
+        """The model inputs' names."""
+        return iter(self.inputs)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The model inputs on `device` (the counts stay on the host)."""
@@ -137,12 +139,11 @@ def make_collate(
     restart at every document (Transformers then masks attention per document) instead of an
     attention mask, and the first token of each document gets no label: in a row it would be
     predicted from the previous document, which one-document-at-a-time training never does.
-    Entries starting with `_` are metadata, not model inputs: the counts `Batch` names
-    (`_label_tokens`, `_real_tokens`, `_attn_context`), counted here so the training step needs no
-    pass over the batch; `Batch.from_collated` splits them off.
+    The counts a `Batch` carries beside the model inputs are counted here, so the training step
+    needs no pass over the batch.
     """
 
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    def collate(rows: list[dict]) -> Batch:
         longest = max(len(r["input_ids"]) for r in rows)
         fixed = padding == "max_length" or packing != "none"
         width = seq_length if fixed else min(seq_length, -(-longest // 8) * 8)
@@ -158,8 +159,9 @@ def make_collate(
                 labels[i, :n] = torch.tensor(r[LABELS], dtype=torch.long)
         if labels is None:
             labels = ids.masked_fill(mask == 0, -100)
-        out = {"input_ids": ids, "labels": labels, "_real_tokens": mask.sum()}
-        out["_attn_context"] = torch.tensor(float(out["_real_tokens"]) * seq_length, dtype=torch.float64)
+        out = {"input_ids": ids, "labels": labels}
+        real = mask.sum()
+        context = torch.tensor(float(real) * seq_length, dtype=torch.float64)
         if packing == "document":
             # Padding forms one more "document" (positions from 0), so it never joins a real one.
             pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -173,12 +175,13 @@ def make_collate(
             # (a document is a run of positions from 0; count each run's real tokens).
             doc = torch.cumsum(pos == 0, dim=1) + torch.arange(len(rows))[:, None] * (width + 1)
             ctx = float((torch.bincount(doc[mask.bool()]).double() ** 2).sum())
-            out["_attn_context"] = torch.tensor(float(ctx), dtype=torch.float64)
+            context = torch.tensor(float(ctx), dtype=torch.float64)
         else:
             out["attention_mask"] = mask
         # Each position predicts the next token: the first label of a row is never a target.
-        out["_label_tokens"] = (out["labels"][:, 1:] != -100).sum()
-        return out
+        return Batch(
+            out, label_tokens=(out["labels"][:, 1:] != -100).sum(), real_tokens=real, attn_context=context
+        )
 
     return collate
 
@@ -208,7 +211,7 @@ class ShardedLoader:
             )
         return samples // per_micro_batch
 
-    def stream(self, start_micro_batch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def stream(self, start_micro_batch: int = 0) -> Iterator[tuple[int, Batch]]:
         """(epoch, batch) pairs from micro-batch number `start_micro_batch` of the whole run on."""
         epoch, offset = divmod(start_micro_batch, self.batches_per_epoch)
         # One endless pass, so DataLoader workers keep building batches ahead across epoch
@@ -264,7 +267,7 @@ def prepare_dataloader(
 
 def eval_batches(
     dataset: Any, topo: Topology, micro_batch_size: int, pad_id: int, section: DataSection
-) -> list[dict[str, torch.Tensor]]:
+) -> list[Batch]:
     """This DP rank's share of the held-out rows (every row once across DP ranks; TP peers alike)."""
     collate = make_collate(pad_id, section.padding, section.seq_length, section.packing)
     mine = list(range(topo.dp_rank, len(dataset), topo.dp_size))

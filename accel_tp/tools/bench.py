@@ -130,14 +130,14 @@ def _time_steps(
             t0 = time.perf_counter()
         mbs = next_micro_batches()
         if i >= warmup:
-            real += sum(int(mb["_real_tokens"]) for mb in mbs)
+            real += sum(int(mb.real_tokens) for mb in mbs)
             context += sum(
-                float(mb["_attn_context"])
+                float(mb.attn_context)
                 if attends_per_document
-                else float(mb["_real_tokens"]) * mb["input_ids"].shape[1]
+                else float(mb.real_tokens) * mb.inputs["input_ids"].shape[1]
                 for mb in mbs
             )
-            positions += sum(mb["input_ids"].numel() for mb in mbs)
+            positions += sum(mb.inputs["input_ids"].numel() for mb in mbs)
         if i == 0:
             t_first = time.perf_counter()
         step(mbs, i)
@@ -244,21 +244,21 @@ def _reference_arm(
     stream = loader.stream()
     step_losses: list[Any] = []
 
-    def next_micro_batches() -> list[dict]:
+    def next_micro_batches() -> list[Any]:
         return [next(stream)[1] for _ in range(tr.grad_accum_steps)]
 
-    def step(mbs: list[dict], _: int) -> None:
+    def step(mbs: list[Any], _: int) -> None:
         total = 0.0
         for mb in mbs:
-            ids = mb["input_ids"].to(device, non_blocking=True)
-            if "position_ids" in mb:
+            ids = mb.inputs["input_ids"].to(device, non_blocking=True)
+            if "position_ids" in mb.inputs:
                 # Packed rows: the same per-document attention (and model function) as the accel
                 # arm; attending across documents trains another model (measured 4.3 % apart
                 # after 9 steps, 1.5B shape, seq 4096), so the losses could not be compared.
-                extra = {"position_ids": mb["position_ids"].to(device, non_blocking=True)}
+                extra = {"position_ids": mb.inputs["position_ids"].to(device, non_blocking=True)}
             else:
-                extra = {"attention_mask": mb["attention_mask"].to(device, non_blocking=True)}
-            out = engine(input_ids=ids, labels=mb["labels"].to(device), use_cache=False, **extra)
+                extra = {"attention_mask": mb.inputs["attention_mask"].to(device, non_blocking=True)}
+            out = engine(input_ids=ids, labels=mb.inputs["labels"].to(device), use_cache=False, **extra)
             engine.backward(out.loss)
             engine.step()  # steps the optimizer and the LR scheduler at the accumulation boundary
             total = total + out.loss.detach().float()
@@ -291,10 +291,10 @@ def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dic
     stream = rt.loader.stream()
     step_losses: list[float] = []
 
-    def next_micro_batches() -> list[dict]:
+    def next_micro_batches() -> list[Any]:
         return [next(stream)[1] for _ in range(cfg.train.grad_accum_steps)]
 
-    def step(mbs: list[dict], i: int) -> None:
+    def step(mbs: list[Any], i: int) -> None:
         step_losses.append(train_step(rt, mbs, i)["loss"])
 
     timing = _time_steps(

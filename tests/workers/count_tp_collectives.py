@@ -36,7 +36,7 @@ def main() -> None:
         return real_all_gather(output, input, *a, group=group, **k)
 
     mb = next(rt.loader.stream())[1]
-    batch = {k: v for k, v in mb.items() if not k.startswith("_")}
+    batch = mb.inputs
     ds_comm.all_reduce, ds_comm.all_gather_into_tensor = all_reduce, all_gather_into_tensor
     out_ = rt.model(**batch, use_cache=False)
     rt.model.backward(out_.loss)
