@@ -34,7 +34,7 @@ from accel_tp.checkpoint.format import (
     tmp_name,
 )
 from accel_tp.checkpoint.ray import remove_stale_saves
-from accel_tp.checkpoint.rules import local_resume_path
+from accel_tp.checkpoint.rules import check_checkpoint, local_resume_path
 from accel_tp.errors import CheckpointError, StorageError
 from accel_tp.run_folder import CHECKPOINTS_DIR
 
@@ -343,7 +343,7 @@ def test_latest_skips_a_damaged_or_incomplete_checkpoint_and_says_so(tmp_path, c
     with pytest.raises(
         CheckpointError, match=f"{step_name(30)}.* damaged or incomplete: shard_1.pt is missing"
     ):
-        local_resume_path(str(tmp_path / step_name(30)), tmp_path, False)
+        check_checkpoint(local_resume_path(str(tmp_path / step_name(30)), tmp_path, False), TrainState(), "x")
     # What the checkpointer prints before it loads.
     LocalCheckpointer(StandIn(), TrainState(), tmp_path, "latest")._resume_path(say=True)
     assert f"skipping {step_name(30)}: shard_1.pt is missing" in capsys.readouterr().out

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .base import CheckpointerBase, WrittenCheckpoint, write_run_config
-from .format import TrainState, peek_train_state, step_name, steps_under, tmp_name
-from .rules import check_resume, local_resume_path
+from .format import TrainState, step_name, steps_under, tmp_name
+from .rules import check_checkpoint, local_resume_path
 from .universal import load_checkpoint, universal_cache_for
 
 __all__ = ["LocalCheckpointer"]
@@ -84,7 +84,7 @@ class LocalCheckpointer(CheckpointerBase):
         self._fill_zero_stage()
         path = self._resume_path()
         if path is not None:
-            check_resume(peek_train_state(path), self.state, "checkpoint.resume_from")
+            check_checkpoint(path, self.state, "checkpoint.resume_from")
 
     def load(self) -> int:
         self._fill_zero_stage()

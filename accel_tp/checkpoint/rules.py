@@ -15,9 +15,45 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..run_folder import CHECKPOINTS_DIR, METRICS_FILE
-from .format import TRAIN_STATE_FILE, TrainState, checkpoint_problem, latest_checkpoint, step_of, steps_under
+from .format import (
+    TRAIN_STATE_FILE,
+    TrainState,
+    checkpoint_problem,
+    latest_checkpoint,
+    peek_train_state,
+    step_of,
+    steps_under,
+)
 
-__all__ = ["check_resume", "reshard_plan", "check_run_folder", "local_resume_path"]
+__all__ = ["check_checkpoint", "check_resume", "reshard_plan", "check_run_folder", "local_resume_path"]
+
+
+def check_checkpoint(path: str | os.PathLike, current: TrainState, where: str) -> dict[str, Any]:
+    """Refuse the checkpoint folder `path` before anything loads it; returns its saved train state.
+
+    Whose checkpoint it is comes first (check_resume: one small file, and the more telling answer),
+    then whether it is complete (checkpoint_problem: every file the manifest lists, naming the one
+    that is not), so that DeepSpeed never meets a damaged folder, whose own errors name no file.
+    """
+    try:
+        saved = peek_train_state(path)
+    except Exception as e:  # noqa: BLE001 - truncated, or refused by the weights-only unpickler
+        saved, unreadable = (
+            None,
+            f"{TRAIN_STATE_FILE} is unreadable ({str(e).splitlines()[0] if str(e) else e})",
+        )
+    else:
+        unreadable = None
+    if saved is not None:
+        check_resume(saved, current, where)
+    problem = checkpoint_problem(path) or unreadable
+    if problem is not None:
+        raise CheckpointError(
+            f"{where}: {str(path)!r} is damaged or incomplete: {problem}. Resume from another "
+            "checkpoint (--resume latest takes the newest complete one)."
+        )
+    check_resume(saved, current, where)
+    return saved  # type: ignore[return-value]  # check_resume refused None
 
 
 def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) -> None:
@@ -114,7 +150,7 @@ def local_resume_path(
     """The folder an `accelerate launch` run resumes from (None: a fresh start). `root`: the run's
     checkpoint folder; "latest" is its newest complete checkpoint (None if it has none; each newer
     damaged or incomplete one, and a latest that found nothing, is said in `notes`). Paths are
-    resolved, symlinks included, before the trust check."""
+    resolved, symlinks included, before the trust check; check_checkpoint judges the folder itself."""
     if not resume_from:
         return None
     root = Path(root)
@@ -138,12 +174,6 @@ def local_resume_path(
             f"{where}: {str(path)!r} resolves to {str(path.resolve())!r}, outside this run's checkpoint "
             f"folder {str(root)!r}. A checkpoint from elsewhere may be another run's; if you trust it, set "
             "checkpoint.allow_external_resume: true."
-        )
-    problem = checkpoint_problem(path) if path is not None and resume_from != "latest" else None
-    if problem is not None:
-        raise CheckpointError(
-            f"checkpoint.resume_from: {str(path)!r} is damaged or incomplete: {problem}. Resume from "
-            "another checkpoint (--resume latest takes the newest complete one)."
         )
     return path
 

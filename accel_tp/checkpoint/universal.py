@@ -21,17 +21,14 @@ from typing import Any
 
 from ..compat.accelerate import prepared_engines
 from ..compat.deepspeed import universal_load
-from ..errors import CheckpointError
 from .format import (
     DS_TAG,
     UNIVERSAL_LOG_FILE,
     UNIVERSAL_SUFFIX,
     TrainState,
-    checkpoint_problem,
-    peek_train_state,
     tmp_name,
 )
-from .rules import check_resume, reshard_plan
+from .rules import check_checkpoint, reshard_plan
 from .safe_load import verify_checkpoint, weights_only_loads
 
 __all__ = ["universal_cache_for", "convert_to_universal", "load_checkpoint"]
@@ -103,17 +100,13 @@ def load_checkpoint(
     node_local: bool = False,
     trust_pickles: bool = False,
 ) -> None:
-    """check_resume, then load `path` natively, or resharded through the universal cache `cache`
+    """check_checkpoint, then load `path` natively, or resharded through the universal cache `cache`
     (default: beside `path`). `node_local`: the cache is in node-local temporary space (a remote
     Ray checkpoint), converted by each node's local main process and removed after the load.
     Every pickle of `path` (and of its universal conversion) is checked weights-only on every rank
     before anything loads it, and each load is forced weights-only (safe_load.py), unless
     `trust_pickles` (checkpoint.trust_pickles)."""
-    problem = checkpoint_problem(path)
-    if problem is not None:  # before DeepSpeed sees it: its own errors name no file
-        raise CheckpointError(f"{where}: {path} is damaged or incomplete: {problem}.")
-    saved = peek_train_state(path)
-    check_resume(saved, state, where)
+    saved = check_checkpoint(path, state, where)
     plan = reshard_plan(saved, state)
     guard = contextlib.nullcontext if trust_pickles else weights_only_loads
     if not trust_pickles:
