@@ -5,8 +5,9 @@ last step, a step with an evaluation, a step that saves), and writes a logged st
 the run's metrics.jsonl (rank 0), the progress bar (rank 0, every step), Accelerate's trackers
 (every step), the run folder's mirror, and, under Ray Train, `ray.train.report` on every rank.
 Ray registers a checkpoint through a report, so a save step's report carries its checkpoint
-(`log(..., checkpoint=...)`): one report per logged step, and a checkpoint is registered only after
-its step's metrics row is written (and mirrored), so a resume from it finds that row.
+(`checkpoint_saved`): one report per logged step. A save step's row is written before the save
+(`log(..., saving=True)`) and mirrored before the checkpoint is published, so a resume from it finds
+that row, and a save that hangs or is killed loses none.
 """
 
 from __future__ import annotations
@@ -119,9 +120,11 @@ class Reporter:
     def should_log(self, step: int, last: bool, metrics: dict[str, Any]) -> bool:
         return step % self.cfg.train.log_every == 0 or last or "eval_loss" in metrics
 
-    def log(self, metrics: dict[str, Any], last: bool, checkpoint: WrittenCheckpoint | None = None) -> None:
-        """Every step: the bar and the trackers. A logged step (or one that saves `checkpoint`): its row
-        in metrics.jsonl, the mirror, and the Ray report (carrying the checkpoint)."""
+    def log(self, metrics: dict[str, Any], last: bool, saving: bool = False) -> None:
+        """Every step: the bar and the trackers. A logged step, or one that is about to save: its row
+        in metrics.jsonl (before the save, so a save that hangs or dies loses no metrics). A logged
+        step that does not save: also the mirror and the Ray report (a save step's come with its
+        checkpoint: checkpoint_saved)."""
         step = metrics["step"]
         self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
         if self.bar is not None:
@@ -133,15 +136,22 @@ class Reporter:
                 tok_s=f"{metrics['tokens_per_s']:.0f}",
                 refresh=False,
             )
-        if checkpoint is None and not self.should_log(step, last, metrics):
+        if not saving and not self.should_log(step, last, metrics):
             return
         self.metrics_file.append(metrics)
+        if saving:
+            return
         if self.accelerator.is_main_process:
-            # Before the checkpoint is published: a resume from it then finds its row in the stored run.
-            self.folder.push(force=checkpoint is not None)
+            self.folder.push()
+        self._publish(metrics, None)
+
+    def checkpoint_saved(self, metrics: dict[str, Any], checkpoint: WrittenCheckpoint) -> None:
+        """A save step, once every rank has written `checkpoint`: the mirror, then the report that
+        publishes the checkpoint (under Ray, registers it), so a resume from it finds its row."""
+        if self.accelerator.is_main_process:
+            self.folder.push(force=True)
         self._publish(metrics, checkpoint)
-        if checkpoint is not None:
-            self.last_checkpoint = checkpoint.location
+        self.last_checkpoint = checkpoint.location
 
     def _publish(self, metrics: dict[str, Any], checkpoint: WrittenCheckpoint | None) -> None:
         """Where a logged step goes beyond the run folder (nowhere without Ray)."""

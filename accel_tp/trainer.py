@@ -425,11 +425,11 @@ def train_loop(rt: Runtime) -> dict[str, Any]:
             if rt.validator.should_run(state.step, last):
                 metrics.update(rt.validator.run())
                 rt.compile_watch.after_eval()
-        if rt.checkpointer.should_save(state.step, last):
+        saving = rt.checkpointer.should_save(state.step, last)
+        rt.reporter.log(metrics, last, saving)
+        if saving:
             with clock.paused(), rt.checkpointer.save(state.step) as written:
-                rt.reporter.log(metrics, last, checkpoint=written)  # published only after its row
-        else:
-            rt.reporter.log(metrics, last)
+                rt.reporter.checkpoint_saved(metrics, written)
     rt.reporter.end()
     rt.accelerator.wait_for_everyone()
     exported = _export(rt) if rt.cfg.checkpoint.export_hf else None
