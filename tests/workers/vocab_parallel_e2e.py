@@ -172,8 +172,11 @@ def parity(out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(gathered, f)
-    dist.barrier()  # no rank tears gloo down while another still talks
-    dist.destroy_process_group()
+    dist.barrier()  # every rank's report is gathered and written
+    # gloo's teardown can abort ("terminate called without an active exception") when ranks
+    # destroy their groups at different moments under load; the work is done, so skip it.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _batches(vocab: int, steps: int) -> list[dict[str, torch.Tensor]]:
@@ -296,8 +299,11 @@ def train(out: str, model_dirs: list[str]) -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(gathered, f)
-    dist.barrier()  # no rank tears gloo down while another still talks
-    dist.destroy_process_group()
+    dist.barrier()  # every rank's report is gathered and written
+    # gloo's teardown can abort ("terminate called without an active exception") when ranks
+    # destroy their groups at different moments under load; the work is done, so skip it.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
