@@ -32,6 +32,7 @@ __all__ = [
     "TrainSection",
     "CheckpointSection",
     "RaySection",
+    "LoraSection",
     "Config",
     "load_config",
     "config_from_dict",
@@ -439,7 +440,9 @@ class CheckpointSection:
     trust_pickles: bool = False
     # At the end of training, also write a consolidated Hugging Face model (safetensors, config,
     # tokenizer) to <run output folder>/hf.
-    export_hf: bool = False
+    # A LoRA run: true or "both" writes the merged model to hf/ and the PEFT adapter folder to
+    # adapter/; "merged" or "adapter" only one of them.
+    export_hf: bool | Literal["adapter", "merged", "both"] = False
     # `accelerate launch` only: resume from this checkpoint directory ("latest": the newest one
     # under <run.output_dir>/<run.name>/checkpoints). Ray runs resume from Ray's own checkpoint.
     resume_from: str | None = None
@@ -449,6 +452,52 @@ class CheckpointSection:
             raise ConfigError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}.")
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last: must be >= 1 or null (keep all), got {self.keep_last}.")
+
+
+@dataclass
+class LoraSection:
+    # The projections PEFT wraps when target_modules is unset: a family's attention and MLP linears
+    # (names absent from a model are skipped; its routers and experts are not among them).
+    DEFAULT_TARGETS: typing.ClassVar[tuple[str, ...]] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
+        "gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc", "c_proj",
+    )  # fmt: skip
+
+    # LoRA adapters (the peft library) on a frozen base model: only they train and are saved.
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Module names (the last name segment, as PEFT matches them); None: DEFAULT_TARGETS.
+    target_modules: list[str] | None = None
+    # Modules trained whole beside the adapters (e.g. a norm); not a layer TP splits.
+    modules_to_save: list[str] = field(default_factory=list)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    # Continue an existing PEFT adapter folder (adapter_config.json + adapter_model.safetensors):
+    # its config fills this section; a value set here that disagrees is refused.
+    adapter: str | None = None
+
+    def validate(self) -> None:
+        if not self.enabled:
+            if self.adapter is not None:
+                raise ConfigError("lora.adapter: needs lora.enabled: true.")
+            return
+        if self.r < 1:
+            raise ConfigError(f"lora.r: must be >= 1, got {self.r}.")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha}.")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}.")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError(
+                "lora.target_modules: empty; name modules (e.g. [q_proj, v_proj]) or remove the key."
+            )
+
+    def targets(self) -> frozenset[str]:
+        """The module names carrying adapters (empty when LoRA is off)."""
+        if not self.enabled:
+            return frozenset()
+        return frozenset(self.target_modules or self.DEFAULT_TARGETS)
 
 
 @dataclass
@@ -486,6 +535,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     ray: RaySection = field(default_factory=RaySection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -496,6 +546,11 @@ class Config:
             raise ConfigError(
                 "model.liger_kernel: with model.compile and parallelism.tp_size > 1 no Liger kernel applies "
                 "(the fused loss needs a whole lm_head, compile replaces the layer kernels); set it false."
+            )
+        if isinstance(self.checkpoint.export_hf, str) and not self.lora.enabled:
+            raise ConfigError(
+                f"checkpoint.export_hf: {self.checkpoint.export_hf!r} chooses what a LoRA run exports; without "
+                "lora.enabled set it true (the whole model) or false."
             )
         self._validate_min_workers()
         return self

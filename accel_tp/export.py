@@ -38,9 +38,10 @@ from .checkpoint.format import (
 )
 from .checkpoint.safe_load import verify_checkpoint, weights_only_loads
 from .compat.transformers import without_hf_zero3_init
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, LoraSection, load_config
 from .env import apply_worker_env, free_port, quiet_libraries
 from .errors import ExportError
+from .lora import merged_state_dict, save_adapter
 from .model import load_tokenizer, model_config, model_fingerprint, param_groups
 from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin
 from .run_folder import CHECKPOINTS_DIR
@@ -48,6 +49,7 @@ from .storage import download, exists, is_remote, join, replace_folder
 
 __all__ = [
     "export_hf",
+    "AdapterExport",
     "export_checkpoint",
     "inspect_checkpoint",
     "CheckpointInfo",
@@ -69,12 +71,15 @@ def export_hf(
     out_dir: str | Path,
     probe: dict | None = None,
     dtype: torch.dtype | None = None,
+    adapters: AdapterExport | None = None,
 ) -> Path:
     """Write the trained model as a plain HF model to `out_dir`; returns the folder.
 
     With `probe` (a batch), rank 0 also saves that batch and the trained model's logits and loss
     on it as EXPORT_CHECK_FILE beside the export, so the export can be verified against them.
     `tokenizer` None writes no tokenizer; `dtype` casts the weights (default: as the engine holds them).
+    `adapters` (a LoRA run): the merged model goes to `out_dir` and/or the PEFT adapter folder to
+    `adapters.folder`, as `adapters.what` says; the check file goes beside whichever is written.
     """
     out = Path(out_dir)
     state_dict = accelerator.get_state_dict(engine)  # collective: every rank must call it
@@ -95,16 +100,35 @@ def export_hf(
         if dtype is not None:
             state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
             model.to(dtype)  # save_pretrained records the module's dtype in config.json
-        out.mkdir(parents=True, exist_ok=True)
-        model.config.use_cache = True
-        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        (out / EXPORT_MARKER).write_text("written by accel-tp; --overwrite may replace this folder\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        if check is not None:
-            torch.save(check, out / EXPORT_CHECK_FILE)
+        folders = []
+        if adapters is not None and adapters.what in ("adapter", "both"):
+            save_adapter(adapters.folder, state_dict, model, adapters.section, adapters.base_model)
+            folders.append(adapters.folder)
+        if adapters is None or adapters.what in ("merged", "both"):
+            if adapters is not None:
+                state_dict = merged_state_dict(state_dict, model)
+            out.mkdir(parents=True, exist_ok=True)
+            model.config.use_cache = True
+            model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+            folders.append(out)
+        for folder in folders:
+            (folder / EXPORT_MARKER).write_text("written by accel-tp; --overwrite may replace this folder\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            if check is not None:
+                torch.save(check, folder / EXPORT_CHECK_FILE)
     accelerator.wait_for_everyone()
-    return out
+    return out if adapters is None or adapters.what != "adapter" else adapters.folder
+
+
+@dataclass
+class AdapterExport:
+    """What a LoRA run exports: "adapter" (a PEFT folder), "merged" (a plain model) or "both"."""
+
+    section: LoraSection
+    what: str
+    folder: Path  # the PEFT adapter folder
+    base_model: str | None  # recorded in adapter_config.json (base_model_name_or_path)
 
 
 def _whole_vocab(logits: torch.Tensor, model: Any) -> torch.Tensor:

@@ -30,6 +30,7 @@ Knows nothing of ranks; imports only config (and transformers, lazily).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ __all__ = [
     "hf_tp_plan",
     "resolve_partition",
     "partition_for",
+    "with_lora",
+    "split_module_names",
     "tensor_parallel_block",
     "check_against_model",
     "to_regex",
@@ -221,11 +224,12 @@ def resolve_partition(section: ModelSection, mconf: Any, tp_size: int) -> Partit
     )
 
 
-def to_regex(pattern: str) -> str:
+def to_regex(pattern: str, inner: str = "") -> str:
     """A plan pattern ('layers.*.mlp.up_proj') as the regex DeepSpeed matches a weight's full name
-    with: any prefix of whole name segments ('model.'), '*' one segment, then '.weight'."""
+    with: any prefix of whole name segments ('model.'), '*' one segment, then `inner` (a regex
+    for the sub-module path inside the matched module, e.g. PEFT's '\\.base_layer') and '.weight'."""
     body = r"\.".join("[^.]+" if part == "*" else re.escape(part) for part in pattern.split("."))
-    return rf"^(?:.*\.)?{body}\.weight$"
+    return rf"^(?:.*\.)?{body}{inner}\.weight$"
 
 
 def _qkv_sizes(mconf: Any) -> list[int] | None:
@@ -239,13 +243,40 @@ def _qkv_sizes(mconf: Any) -> list[int] | None:
     return [heads * head_dim, kv * head_dim, kv * head_dim]
 
 
-def _partition_config(plan: dict[str, str], how: str, qkv_sizes: list[int] | None = None) -> dict[str, Any]:
+# Under LoRA a target's base weight sits one module deeper (PEFT's `<name>.base_layer`) and its
+# adapters at `<name>.lora_A.<adapter>` / `<name>.lora_B.<adapter>` (accel_tp/lora.py).
+LORA_BASE = r"(?:\.base_layer)?"
+LORA_A = r"\.lora_A\.[^.]+"
+LORA_B = r"\.lora_B\.[^.]+"
+LORA_SAVED = r"\.modules_to_save\.[^.]+"  # PEFT's trained copy of a lora.modules_to_save module
+
+
+def _partition_config(
+    plan: dict[str, str],
+    how: str,
+    qkv_sizes: list[int] | None = None,
+    lora_targets: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """DeepSpeed's partition_config for `plan`. With `lora_targets` (module names, PEFT's
+    target_modules), a targeted layer's adapters are split with it: a column-split base gets
+    lora_B split like its output (same shape, same gathering) and lora_A whole; a row-split base
+    gets lora_A split on its input (its output all-reduced, as the base's) and lora_B whole."""
     field_name = "model.tp_plan" if how == HOW_USER else "model.name_or_path"
     specs: list[dict[str, Any]] = []
     split_input: dict[str, str] = {}  # module name -> pattern (DeepSpeed routes by the last segment)
     other_names: dict[str, str] = {}
     for pattern, style in plan.items():
-        spec: dict[str, Any] = {"patterns": [to_regex(pattern)]}
+        last = pattern.split(".")[-1]
+        lora = last in lora_targets
+        if lora and _ROW.get(style):
+            raise ConfigError(
+                f"lora.target_modules: {last!r} is a {style} layer under tensor parallelism; DeepSpeed "
+                "0.19.8 picks its whole-input row layer by the module's last name "
+                "(module_inject/auto_tp.py _is_lm_head_name), which under PEFT's wrapper is 'base_layer', "
+                f"so the base would be split as a plain row layer. Leave {last!r} out of "
+                "lora.target_modules, or train with parallelism.tp_size: 1."
+            )
+        spec: dict[str, Any] = {"patterns": [to_regex(pattern, LORA_BASE if lora else "")]}
         if style in _COLUMN:
             spec.update(partition_type="column", gather_output=_COLUMN[style])
         elif style == "packed_colwise":
@@ -257,11 +288,18 @@ def _partition_config(plan: dict[str, str], how: str, qkv_sizes: list[int] | Non
             spec.update(partition_type="row")
         elif style == "replicated_with_grad_allreduce":
             spec.update(partition_type="skip", grad_allreduce=True)
+            if lora_targets:
+                # Frozen under LoRA (DeepSpeed would hook a tensor without gradient:
+                # auto_tp.py register_replicated_grad_hooks); only a lora.modules_to_save copy trains.
+                spec["patterns"] = [to_regex(pattern, LORA_SAVED)]
         else:
             spec.update(partition_type="skip")
-        last = pattern.split(".")[-1]
         (split_input if _ROW.get(style) else other_names).setdefault(last, pattern)
         specs.append(spec)
+        if lora and spec["partition_type"] == "column":
+            specs.append({**spec, "patterns": [to_regex(pattern, LORA_B)]})
+        elif lora and spec["partition_type"] == "row":
+            specs.append({"patterns": [to_regex(pattern, LORA_A)], "partition_type": "row"})
     clash = sorted(set(split_input) & set(other_names) - set(_LM_HEADS))
     if clash:
         raise ConfigError(
@@ -274,22 +312,54 @@ def _partition_config(plan: dict[str, str], how: str, qkv_sizes: list[int] | Non
     return {"use_default_specs": False, "layer_specs": specs, "lm_head_patterns": heads}
 
 
-def partition_for(section: ModelSection, tp_size: int) -> Partition:
-    """The partition a run of `section` at `tp_size` gets (reads the model's config, not its weights)."""
-    if tp_size <= 1 or (section.architecture is not None and section.tp_plan is None):
-        # The named architectures are Qwen2 shapes: DeepSpeed's own path.
-        return Partition(how=HOW_AUTO if tp_size > 1 else "none (tp 1)", model_type="qwen2")
+def split_module_names(partition: Partition) -> frozenset[str]:
+    """Last names of the modules the partition splits across the TP group."""
+    kept = _WHOLE | {"replicated_with_grad_allreduce"} | _MOE_STYLES
+    return frozenset(p.split(".")[-1] for p, style in partition.plan.items() if style not in kept)
+
+
+def with_lora(partition: Partition, targets: frozenset[str], mconf: Any) -> Partition:
+    """`partition` with its adapters split along (accel_tp/lora.py): always an accel-tp spec,
+    since DeepSpeed's own plan conversion knows nothing of PEFT's module names."""
+    if not partition.plan:
+        raise ConfigError(
+            f"lora.enabled: the {partition.model_type!r} model has no tensor-parallel plan, and DeepSpeed's "
+            "name heuristics (module_inject/auto_tp.py linear_policies) would split PEFT's lora_A / lora_B "
+            "layers as if they were the model's own; give a model.tp_plan, or use parallelism.tp_size: 1."
+        )
+    how = HOW_DERIVED if partition.how == HOW_AUTO else partition.how
+    config = _partition_config(partition.plan, how, _qkv_sizes(mconf), targets)
+    return dataclasses.replace(partition, how=how, partition_config=config)
+
+
+def partition_for(
+    section: ModelSection, tp_size: int, lora_targets: frozenset[str] = frozenset()
+) -> Partition:
+    """The partition a run of `section` at `tp_size` gets (reads the model's config, not its
+    weights); `lora_targets`: the modules carrying LoRA adapters (lora.target_modules)."""
+    if tp_size <= 1:
+        return Partition(how="none (tp 1)", model_type="qwen2")
     if section.architecture is not None:
+        # The named architectures are Qwen2 shapes: DeepSpeed's own path.
+        if section.tp_plan is None and not lora_targets:
+            return Partition(how=HOW_AUTO, model_type="qwen2")
         from transformers import Qwen2Config
 
-        return resolve_partition(section, Qwen2Config(), tp_size)
-    return resolve_partition(section, hf_config(section), tp_size)
+        mconf = Qwen2Config()
+    else:
+        mconf = hf_config(section)
+    partition = resolve_partition(section, mconf, tp_size)
+    if lora_targets:
+        partition = with_lora(partition, lora_targets, mconf)
+    return partition
 
 
-def tensor_parallel_block(section: ModelSection, tp_size: int) -> dict[str, Any]:
+def tensor_parallel_block(
+    section: ModelSection, tp_size: int, lora_targets: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """DeepSpeed's `tensor_parallel` config block for this run."""
     block: dict[str, Any] = {"autotp_size": tp_size}
-    partition = partition_for(section, tp_size)
+    partition = partition_for(section, tp_size, lora_targets)
     if partition.partition_config is not None:
         block["partition_config"] = partition.partition_config
     return block

@@ -48,6 +48,14 @@ def preflight(cfg: Config, world_size: int | None = None, tokenizer: bool = Fals
     partition = resolve_partition(cfg.model, mconf, par.tp_size)
     if partition.partition_config is not None:
         check_against_model(partition, build_meta_model(mconf, cfg.model.trust_remote_code))
+    if cfg.lora.enabled:
+        from .families import split_module_names, with_lora
+        from .lora import check_lora, resolve_adapter
+
+        lora = resolve_adapter(cfg.lora)
+        check_lora(lora, build_meta_model(mconf, cfg.model.trust_remote_code), split_module_names(partition))
+        if par.tp_size > 1:
+            with_lora(partition, lora.targets(), mconf)  # refuses a target AutoTP cannot split with PEFT
     checkpointed_layer_count(cfg.model.activation_checkpointing, mconf.num_hidden_layers)
     max_pos = getattr(mconf, "max_position_embeddings", None)
     if max_pos is not None and cfg.data.seq_length > max_pos:

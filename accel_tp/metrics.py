@@ -25,7 +25,7 @@ FLOPS_FORMULA = (
 )
 
 
-def flops_per_token(mconf: Any, n_params: int, context: float) -> float:
+def flops_per_token(mconf: Any, n_params: int, context: float, n_trained: int | None = None) -> float:
     """Training FLOPs per token: 6 x parameters (forward + backward matmuls, embeddings included,
     the usual convention) + 12 x layers x hidden x context for attention scores and values, where
     `context` is the mean number of positions a token attends over.
@@ -33,8 +33,13 @@ def flops_per_token(mconf: Any, n_params: int, context: float) -> float:
     With document packing a token attends only within its document (flex / varlen attention skip
     the blocks between documents), so context is the token-weighted mean document length
     (sum of n^2 over documents / tokens); with 'none' and 'concat' the full row, seq_length.
-    Counting seq_length for packed short documents overstated MFU by ~15 % (0.5B shape)."""
-    return 6.0 * n_params + 12.0 * mconf.num_hidden_layers * mconf.hidden_size * context
+    Counting seq_length for packed short documents overstated MFU by ~15 % (0.5B shape).
+
+    `n_trained` (LoRA: the adapters) of the parameters train; the frozen rest cost 4 FLOPs per
+    token each (forward and the input gradient, no weight gradient), the trained ones 6."""
+    trained = n_params if n_trained is None else n_trained
+    dense = 4.0 * (n_params - trained) + 6.0 * trained
+    return dense + 12.0 * mconf.num_hidden_layers * mconf.hidden_size * context
 
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device-name substring.

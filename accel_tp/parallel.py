@@ -143,7 +143,7 @@ def build_deepspeed_config(
         "zero_optimization": zero,
         # AutoTP's size and, for families DeepSpeed's own plan conversion refuses (or a model.tp_plan),
         # the partition accel-tp writes for it (accel_tp/families.py).
-        "tensor_parallel": tensor_parallel_block(cfg.model, topo.tp_size),
+        "tensor_parallel": tensor_parallel_block(cfg.model, topo.tp_size, cfg.lora.targets()),
         # Our optimizer is torch AdamW; ZeRO accepts it with this flag.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

@@ -24,6 +24,7 @@ __all__ = [
     "METRICS_FILE",
     "PLOT_FILE",
     "EXPORT_DIR",
+    "ADAPTER_DIR",
     "COMPILE_CACHE_DIR",
     "RunFolder",
     "LocalRunFolder",
@@ -37,6 +38,7 @@ CHECKPOINTS_DIR = "checkpoints"  # `accelerate launch` runs: step folders (Ray k
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 EXPORT_DIR = "hf"
+ADAPTER_DIR = "adapter"  # a LoRA run's PEFT adapter export
 COMPILE_CACHE_DIR = "compile_cache"
 
 
@@ -124,6 +126,10 @@ class RunFolder:
     @property
     def export(self) -> Path:
         return self.local / EXPORT_DIR
+
+    @property
+    def adapter(self) -> Path:
+        return self.local / ADAPTER_DIR
 
     @property
     def checkpoints(self) -> Path:

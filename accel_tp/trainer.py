@@ -10,6 +10,7 @@ evaluate, the checkpointer when to save, the reporter what to log where.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer, TrainState
-from .compat.deepspeed import keep_clipping_grad_norm
+from .compat.deepspeed import keep_clipping_grad_norm, universal_info_without_frozen
 from .compat.transformers import without_hf_zero3_init
 from .compile_cache import CompileCache, CompileWatch
 from .config import Config
@@ -36,7 +37,8 @@ from .data import (
 )
 from .env import apply_worker_env, quiet_libraries
 from .evaluation import Validator, all_reduce_floats
-from .export import export_hf
+from .export import AdapterExport, export_hf
+from .lora import apply_lora, hidden_from_autotp, resolve_adapter, trainable_count
 from .metrics import flat_config, flops_per_token, peak_bf16_flops
 from .model import build_model, load_tokenizer, model_config, model_fingerprint, param_groups
 from .modes import LocalMode, WorkerMode
@@ -194,13 +196,14 @@ def build_data(
 
 def build_model_and_optimizer(
     cfg: Config, accelerator: Any, topo: Topology, mconf: Any, total_steps: int
-) -> tuple[Any, Any, Any, int]:
+) -> tuple[Any, Any, Any, int, int]:
     """The DeepSpeed engine (AutoTP-sharded, ZeRO-partitioned), its optimizer and LR scheduler, and
-    the unsharded model's parameter count."""
+    the unsharded model's parameter count and how many of them train (all but a LoRA run's base)."""
     with without_hf_zero3_init():  # whole, then partitioned by prepare(): the same init for every stage
         model = build_model(cfg.model, mconf, cfg.run.seed)
+    adapters = apply_lora(model, cfg.lora, cfg.run.seed) if cfg.lora.enabled else None
     levers = apply_before_sharding(model, cfg, topo.tp_size)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_trained, n_params = trainable_count(model)
     tr = cfg.train
     optimizer = torch.optim.AdamW(
         param_groups(model, tr.weight_decay),
@@ -209,11 +212,18 @@ def build_model_and_optimizer(
         eps=tr.adam_eps,
         fused=tr.fused_optimizer,
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # AutoTP splits PEFT's adapters with their layers (accel_tp/lora.py).
+    with hidden_from_autotp(model) if adapters else contextlib.nullcontext():
+        model, optimizer = accelerator.prepare(model, optimizer)
     keep_clipping_grad_norm(model)  # ZeRO-0 fp32: DeepSpeed would log no gradient norm
+    if adapters:
+        universal_info_without_frozen(model.module)  # the checkpoint holds no frozen weights
     levers += apply_after_sharding(model.module, cfg)
-    if levers and accelerator.is_main_process:
-        print(f"[accel-tp] speed levers: {'; '.join(levers)}", flush=True)
+    if accelerator.is_main_process:
+        if adapters:
+            print(f"[accel-tp] {adapters}", flush=True)
+        if levers:
+            print(f"[accel-tp] speed levers: {'; '.join(levers)}", flush=True)
     # Built on the prepared optimizer (DeepSpeed's ZeRO optimizer owns the param groups that step)
     # and checkpointed as a registered object: under DeepSpeed, Accelerate neither wraps nor saves
     # a scheduler prepared on its own.
@@ -221,13 +231,14 @@ def build_model_and_optimizer(
     # from_pretrained leaves the model in eval mode (no dropout, and Liger's fused loss only runs
     # in training mode); train_step must always see training mode.
     model.train()
-    return model, optimizer, scheduler, n_params
+    return model, optimizer, scheduler, n_params, n_trained
 
 
 def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
     """Build accelerator, data, checkpointer, model, optimizer, scheduler and reporter for this
     worker. `mode`: how it was started (default: `accelerate launch` / torchrun, LocalMode)."""
     mode = mode or LocalMode(cfg)
+    cfg = dataclasses.replace(cfg, lora=resolve_adapter(cfg.lora))  # lora.adapter's config fills the section
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     check_device_support(cfg.model, device_type)  # before anything is set or built
     quiet_libraries()
@@ -259,7 +270,7 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
     # A checkpoint of another model, data or batch fails here, before the model is built; another
     # layout or ZeRO stage is resharded in load().
     checkpointer.precheck()
-    model, optimizer, scheduler, n_params = build_model_and_optimizer(
+    model, optimizer, scheduler, n_params, n_trained = build_model_and_optimizer(
         cfg, accelerator, topo, mconf, total_steps
     )
     checkpointer.register(scheduler)
@@ -277,7 +288,7 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
         world_size=topo.world_size,
         global_batch=state.global_batch_size,
         total_steps=total_steps,
-        flops_per_token_at=lambda context: flops_per_token(mconf, n_params, context),
+        flops_per_token_at=lambda context: flops_per_token(mconf, n_params, context, n_trained),
         peak_flops=peak_flops,
     )
     return Runtime(
@@ -441,7 +452,12 @@ def _export(rt: Runtime) -> Any:
     # One row of a training batch to check the export against (a whole micro-batch's fp32 logits
     # can be tens of GiB with a large vocabulary).
     probe = next(iter(rt.loader.loader)).first(1)
-    return export_hf(rt.accelerator, rt.model, rt.tokenizer, rt.folder.export, probe=probe)
+    cfg, adapters = rt.cfg, None
+    if cfg.lora.enabled:
+        what = "both" if cfg.checkpoint.export_hf is True else str(cfg.checkpoint.export_hf)
+        base = cfg.model.name_or_path or cfg.model.architecture
+        adapters = AdapterExport(cfg.lora, what, rt.folder.adapter, base)
+    return export_hf(rt.accelerator, rt.model, rt.tokenizer, rt.folder.export, probe=probe, adapters=adapters)
 
 
 def run_worker(cfg: Config, mode: WorkerMode | None = None) -> dict[str, Any]:

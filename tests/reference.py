@@ -186,7 +186,39 @@ def _model(cfg: Config, vocab: int) -> Any:
         torch.manual_seed(cfg.run.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
+    if cfg.lora.enabled:
+        model = _with_adapters(cfg, model)
     return model
+
+
+def _with_adapters(cfg: Config, model: Any) -> Any:
+    """PEFT's get_peft_model with the run's lora section (docs/lora.md): adapters initialised by
+    PEFT from torch's generator seeded with run.seed just before; only they (and bias / modules_to_save
+    as asked) train. target_modules must be given: the reference does not know the product's defaults."""
+    from peft import LoraConfig, get_peft_model
+
+    lo = cfg.lora
+    assert lo.target_modules, "reference: give lora.target_modules explicitly"
+    torch.manual_seed(cfg.run.seed)
+    config = LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=list(lo.target_modules),
+        modules_to_save=list(lo.modules_to_save) or None,
+        bias=lo.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trained_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The trained parameters under the names PEFT saves them with (adapter_model.safetensors)."""
+    return {
+        n.replace(".default.", "."): p.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def _loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -295,6 +327,7 @@ def reference_run(cfg: Config, global_batch: int) -> dict[str, Any]:
         "grad_norms": grad_norms,
         "eval_loss": total / count if count else math.nan,
         "eval_tokens": float(count),
+        "trained": trained_tensors(model) if cfg.lora.enabled else {},
     }
 
 

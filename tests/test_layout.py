@@ -37,6 +37,7 @@ LAYERS: list[set[str]] = [
         "metrics",
         "placement",
         "evaluation",
+        "lora",
     },
     {"checkpoint.universal", "checkpoint.base"},
     {"checkpoint.rules"},

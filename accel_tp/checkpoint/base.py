@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import StorageError
-from .format import RUN_CONFIG_FILE, TrainState, list_files, register_for_checkpointing, write_manifest
+from .format import (
+    RUN_CONFIG_FILE,
+    TrainState,
+    list_files,
+    register_for_checkpointing,
+    save_kwargs,
+    write_manifest,
+)
 
 # Below this, a failed write is taken to be a full disk.
 _LOW_SPACE = 64 * 2**20
@@ -93,7 +100,7 @@ class CheckpointerBase:
         import shutil
 
         try:
-            self.accelerator.save_state(str(folder))
+            self.accelerator.save_state(str(folder), **save_kwargs(self.accelerator))
         except (OSError, RuntimeError) as e:
             free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
             full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e)

@@ -56,6 +56,8 @@ __all__ = [
     "optim_states_file",
     "TrainState",
     "register_for_checkpointing",
+    "save_kwargs",
+    "load_kwargs",
     "peek_train_state",
     "steps_under",
     "latest_checkpoint",
@@ -295,3 +297,21 @@ def ray_registered(run_dir: str | os.PathLike) -> list[Path] | None:
     finally:
         log.setLevel(level)
     return sorted((Path(c.path) for c, _ in result.best_checkpoints), key=lambda c: c.name)
+
+
+def _has_frozen(accelerator: Any) -> bool:
+    from ..compat.accelerate import prepared_engines
+
+    return any(not p.requires_grad for e in prepared_engines(accelerator) for p in e.module.parameters())
+
+
+def save_kwargs(accelerator: Any) -> dict[str, Any]:
+    """Accelerate's save_state arguments: frozen weights (a LoRA run's base) are not saved; a
+    resume re-reads them from model.name_or_path, as the run began."""
+    return {"exclude_frozen_parameters": True} if _has_frozen(accelerator) else {}
+
+
+def load_kwargs(accelerator: Any) -> dict[str, Any]:
+    """Accelerate's load_state arguments for a checkpoint `save_kwargs` wrote: without its frozen
+    weights the module state is partial, so DeepSpeed must not require every key."""
+    return {"load_module_strict": False} if _has_frozen(accelerator) else {}

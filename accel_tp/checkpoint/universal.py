@@ -26,6 +26,7 @@ from .format import (
     UNIVERSAL_LOG_FILE,
     UNIVERSAL_SUFFIX,
     TrainState,
+    load_kwargs,
     tmp_name,
 )
 from .rules import check_checkpoint, reshard_plan
@@ -113,7 +114,7 @@ def load_checkpoint(
         verify_checkpoint(path)  # every rank, before any collective: all fail alike, naming the file
     if plan is None:
         with guard():
-            accelerator.load_state(path)
+            accelerator.load_state(path, **load_kwargs(accelerator))
         return
     cache = cache or universal_cache_for(path)
     converter = accelerator.is_local_main_process if node_local else accelerator.is_main_process
@@ -140,7 +141,7 @@ def load_checkpoint(
     if not trust_pickles:
         verify_checkpoint(cache)  # written by us, but in a folder others may write to
     with guard(), universal_load(prepared_engines(accelerator)):
-        accelerator.load_state(str(cache))
+        accelerator.load_state(str(cache), **load_kwargs(accelerator))
     if node_local:
         accelerator.wait_for_everyone()
         if accelerator.is_local_main_process:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["keep_clipping_grad_norm", "universal_load"]
+__all__ = ["keep_clipping_grad_norm", "universal_load", "universal_info_without_frozen"]
 
 
 def keep_clipping_grad_norm(engine: Any) -> bool:
@@ -51,3 +51,40 @@ def universal_load(engines: list[Any]) -> Iterator[None]:
     finally:
         for c, b in zip(configs, before):
             c.load_universal_checkpoint = b
+
+
+def universal_info_without_frozen(module: Any) -> int:
+    """Drop frozen parameters from the AutoTP universal-checkpoint schema DeepSpeed saves with
+    every checkpoint (`module.UNIVERSAL_CHECKPOINT_INFO`, built at partition time over all
+    parameters: module_inject/layers.py collect_autotp_universal_checkpoint_info). A checkpoint
+    saved without its frozen weights (a LoRA run's base) has no slices for them, and the strict
+    converter refuses a schema pattern that matched nothing (checkpoint/ds_to_universal.py
+    "Unused patterns"). Returns how many patterns were dropped."""
+    import re
+
+    from deepspeed.checkpoint import constants as c
+
+    info = getattr(module, c.UNIVERSAL_CHECKPOINT_INFO, None)
+    if not info:
+        return 0
+    frozen = {rf"^{re.escape(n)}$" for n, p in module.named_parameters() if not p.requires_grad}
+    dropped = 0
+    for key in (
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
+        c.TP_REPLICATED_PARAMETER_PATTERNS,
+        c.VOCABULARY_PARAMETER_PATTERNS,
+    ):
+        kept = [p for p in info.get(key, []) if p not in frozen]
+        dropped += len(info.get(key, [])) - len(kept)
+        info[key] = kept
+    if c.PARAMETER_WITH_SUB_PARAMS in info:
+        info[c.PARAMETER_WITH_SUB_PARAMS] = [
+            d for d in info[c.PARAMETER_WITH_SUB_PARAMS] if not set(d["patterns"]) <= frozen
+        ]
+    for key in (c.AUTOTP_UNSUPPORTED_PARAMETER_PATTERNS, c.SUB_PARAM_SHARD_WIDTHS):
+        if key in info:
+            info[key] = {k: v for k, v in info[key].items() if k not in frozen}
+    if c.AFFINE_MAP in info:
+        params = info[c.AFFINE_MAP][c.AFFINE_MAP_PARAMS]
+        info[c.AFFINE_MAP][c.AFFINE_MAP_PARAMS] = {k: v for k, v in params.items() if k not in frozen}
+    return dropped

@@ -8,7 +8,7 @@ layer, the class AutoTP put there and the weight shape this rank holds, so the t
 partition is the one it claims to be (and not, say, everything left whole).
 
 argv: the base YAML, then a JSON file holding a list of runs, each {"set": [`--set` strings],
-"expect_error": bool}. A run expected to fail (it must be the last: every rank fails at the same
+"expect_error": bool} and optionally "config" (another base YAML for that run). A run expected to fail (it must be the last: every rank fails at the same
 point, before any other collective) has its error written to `<run dir>/error.txt` instead.
 """
 
@@ -43,7 +43,7 @@ def main() -> None:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     for i, job in enumerate(runs):
         assert not job["expect_error"] or i == len(runs) - 1, "a run expected to fail must be the last"
-        cfg = load_config(base, job["set"])
+        cfg = load_config(job.get("config", base), job["set"])
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
         preflight(cfg, world)
         rt = setup(cfg)
