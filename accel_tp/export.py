@@ -15,6 +15,7 @@ Two ways in, one gathering path:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -41,10 +42,18 @@ from .compat.transformers import without_hf_zero3_init
 from .config import Config, ConfigError, LoraSection, load_config
 from .env import apply_worker_env, free_port, quiet_libraries
 from .errors import ExportError
-from .lora import merged_state_dict, save_adapter
-from .model import load_tokenizer, model_config, model_fingerprint, param_groups
+from .lora import (
+    apply_lora,
+    base_digest,
+    describe,
+    hidden_from_autotp,
+    merged_state_dict,
+    resolve_adapter,
+    save_adapter,
+)
+from .model import build_model, load_tokenizer, model_config, model_fingerprint, param_groups
 from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin
-from .run_folder import CHECKPOINTS_DIR
+from .run_folder import ADAPTER_DIR, CHECKPOINTS_DIR
 from .storage import download, exists, is_remote, join, replace_folder
 
 __all__ = [
@@ -286,6 +295,7 @@ def _export_worker(
     tp_size: int,
     zero3: bool,
     trust_pickles: bool,
+    base: str | None = None,
 ) -> None:
     """One rank of the export (spawned; tp_size ranks, ZeRO-3: dp x tp). CPU and gloo, also on a GPU
     machine."""
@@ -325,23 +335,40 @@ def _export_worker(
     # No forward pass runs here, and flex / flash attention need a GPU (config.json does not record it).
     attn = cfg.model.attn_implementation
     mconf._attn_implementation = attn if attn in ("sdpa", "eager") else None  # None: transformers' choice
-    # Built in the checkpoint's dtype, so its weights load as they are (and bf16 takes half the
-    # memory). Every weight is overwritten by the checkpoint (strict load): skip the random init.
-    with without_hf_zero3_init(), no_init_weights():
-        model = AutoModelForCausalLM.from_config(
-            mconf,
-            dtype=torch.float32 if zero3 else DTYPES[load_dtype],
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-    if zero3:
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate)
-        engine, _ = accelerator.prepare(model, optimizer)
+    lora = cfg.lora.enabled
+    if lora:
+        # The checkpoint holds only the adapters: the base is read as the run read it, then the
+        # adapters are injected (and overwritten by the checkpoint's) and split with their layers.
+        with without_hf_zero3_init():
+            model = build_model(cfg.model, mconf, cfg.run.seed)
+        if base is not None and base_digest(model) != base:
+            raise ExportError(
+                f"--checkpoint: its adapters were trained on another base model than {cfg.model.name_or_path!r} "
+                "(the frozen weights' digest differs); point model.name_or_path at the base it was trained on."
+            )
+        apply_lora(model, cfg.lora, cfg.run.seed)
     else:
-        engine = accelerator.prepare(model)
+        # Built in the checkpoint's dtype, so its weights load as they are (and bf16 takes half the
+        # memory). Every weight is overwritten by the checkpoint (strict load): skip the random init.
+        with without_hf_zero3_init(), no_init_weights():
+            model = AutoModelForCausalLM.from_config(
+                mconf,
+                dtype=torch.float32 if zero3 else DTYPES[load_dtype],
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+    with hidden_from_autotp(model) if lora else contextlib.nullcontext():
+        if zero3:
+            optimizer = torch.optim.AdamW(
+                param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate
+            )
+            engine, _ = accelerator.prepare(model, optimizer)
+        else:
+            engine = accelerator.prepare(model)
+    strict = {"load_module_strict": False} if lora else {}
     # export_checkpoint checked every file; forced here too, so a file replaced since can only fail.
     with contextlib.nullcontext() if trust_pickles else weights_only_loads():
         if zero3:
-            loaded, _ = engine.load_checkpoint(ckpt, tag=DS_TAG, load_lr_scheduler_states=False)
+            loaded, _ = engine.load_checkpoint(ckpt, tag=DS_TAG, load_lr_scheduler_states=False, **strict)
         else:
             loaded, _ = engine.load_checkpoint(
                 ckpt,
@@ -349,11 +376,17 @@ def _export_worker(
                 load_module_only=True,
                 load_optimizer_states=False,
                 load_lr_scheduler_states=False,
+                **strict,
             )
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}/{DS_TAG}")
     engine.eval()
-    export_hf(accelerator, engine, None, out, dtype=DTYPES[out_dtype])
+    adapters = None
+    if lora:
+        # The merged model in `out`, the PEFT adapter folder beside its files in out/adapter.
+        base_model = cfg.model.name_or_path or cfg.model.architecture
+        adapters = AdapterExport(cfg.lora, "both", Path(out) / ADAPTER_DIR, base_model)
+    export_hf(accelerator, engine, None, out, dtype=DTYPES[out_dtype], adapters=adapters)
     accelerator.end_training()
 
 
@@ -403,7 +436,8 @@ def export_checkpoint(
         )
     tokenizer = load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
     mconf = model_config(cfg.model, len(tokenizer))
-    saved, built = info.train_state.get("model"), model_fingerprint(mconf)
+    cfg = dataclasses.replace(cfg, lora=resolve_adapter(cfg.lora))
+    saved, built = info.train_state.get("model"), model_fingerprint(mconf) + describe(cfg.lora)
     if saved and saved != built:
         raise ConfigError(
             f"--checkpoint: {str(info.path)!r} is a checkpoint of another model ({saved}) than the config "
@@ -434,6 +468,7 @@ def export_checkpoint(
                 info.tp_size,
                 _is_zero3(info.path),
                 trust_pickles,
+                info.train_state.get("base") or None,
             ),
             nprocs=info.tp_size * info.dp_size,
             join=True,

@@ -43,6 +43,8 @@ __all__ = [
     "resolve_adapter",
     "check_lora",
     "apply_lora",
+    "base_digest",
+    "describe",
     "hidden_from_autotp",
     "trainable_count",
     "adapter_state_dict",
@@ -164,6 +166,27 @@ def check_lora(section: LoraSection, model: Any, split_modules: frozenset[str] =
             "module sits beside the original, which AutoTP would replace whole as one layer; train them "
             "at parallelism.tp_size: 1, or save only modules left whole (norms, an untied embedding)."
         )
+
+
+def base_digest(model: Any) -> str:
+    """A digest of the model's weights (before the adapters go in): every 1009th element of each
+    tensor, summed in float64, in name order. Cheap, equal on every rank, and it tells two bases of
+    one shape apart, which the shape fingerprint cannot."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            h.update(f"{name}:{float(p.detach().flatten()[::1009].double().sum()):.10e};".encode())
+    return h.hexdigest()[:16]
+
+
+def describe(section: LoraSection) -> str:
+    """The adapters' identity for the model fingerprint: a checkpoint of other adapters (or of a
+    full fine-tune) is refused before anything is built."""
+    if not section.enabled:
+        return ""
+    return f"+lora:r{section.r}:a{section.alpha:g}:{','.join(sorted(section.targets()))}"
 
 
 def apply_lora(model: Any, section: LoraSection, seed: int) -> str:

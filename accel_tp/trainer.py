@@ -38,7 +38,7 @@ from .data import (
 from .env import apply_worker_env, quiet_libraries
 from .evaluation import Validator, all_reduce_floats
 from .export import AdapterExport, export_hf
-from .lora import apply_lora, hidden_from_autotp, resolve_adapter, trainable_count
+from .lora import apply_lora, base_digest, describe, hidden_from_autotp, resolve_adapter, trainable_count
 from .metrics import flat_config, flops_per_token, peak_bf16_flops
 from .model import build_model, load_tokenizer, model_config, model_fingerprint, param_groups
 from .modes import LocalMode, WorkerMode
@@ -196,11 +196,13 @@ def build_data(
 
 def build_model_and_optimizer(
     cfg: Config, accelerator: Any, topo: Topology, mconf: Any, total_steps: int
-) -> tuple[Any, Any, Any, int, int]:
-    """The DeepSpeed engine (AutoTP-sharded, ZeRO-partitioned), its optimizer and LR scheduler, and
-    the unsharded model's parameter count and how many of them train (all but a LoRA run's base)."""
+) -> tuple[Any, Any, Any, int, int, str]:
+    """The DeepSpeed engine (AutoTP-sharded, ZeRO-partitioned), its optimizer and LR scheduler, the
+    unsharded model's parameter count, how many of them train (all but a LoRA run's base) and a
+    LoRA run's base digest ("" otherwise)."""
     with without_hf_zero3_init():  # whole, then partitioned by prepare(): the same init for every stage
         model = build_model(cfg.model, mconf, cfg.run.seed)
+    base = base_digest(model) if cfg.lora.enabled else ""
     adapters = apply_lora(model, cfg.lora, cfg.run.seed) if cfg.lora.enabled else None
     levers = apply_before_sharding(model, cfg, topo.tp_size)
     n_trained, n_params = trainable_count(model)
@@ -231,7 +233,7 @@ def build_model_and_optimizer(
     # from_pretrained leaves the model in eval mode (no dropout, and Liger's fused loss only runs
     # in training mode); train_step must always see training mode.
     model.train()
-    return model, optimizer, scheduler, n_params, n_trained
+    return model, optimizer, scheduler, n_params, n_trained, base
 
 
 def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
@@ -261,7 +263,7 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
     total_steps = total_steps_for(cfg, loader.steps_per_epoch)
     state = TrainState(
         global_batch_size=global_batch_size(cfg, topo),
-        model=model_fingerprint(mconf),
+        model=model_fingerprint(mconf) + describe(cfg.lora),
         layout=f"tp{topo.tp_size}xdp{topo.dp_size}",
         data=data_fingerprint(cfg.data, tokenizer, cfg.run.seed, loader.sampler.num_samples),
         zero_stage=cfg.deepspeed.zero_stage,
@@ -270,7 +272,7 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
     # A checkpoint of another model, data or batch fails here, before the model is built; another
     # layout or ZeRO stage is resharded in load().
     checkpointer.precheck()
-    model, optimizer, scheduler, n_params, n_trained = build_model_and_optimizer(
+    model, optimizer, scheduler, n_params, n_trained, state.base = build_model_and_optimizer(
         cfg, accelerator, topo, mconf, total_steps
     )
     checkpointer.register(scheduler)

@@ -166,7 +166,14 @@ def jobs(tmp_path_factory, cache, zoo) -> dict[str, dict]:
     runs["tp2dp2-z1"] = (main, TINY)
     runs["tp1dp4-z1"] = (_tiny(cache, out, "tp1dp4-z1", 1, 4, 1), TINY)
     runs["tp2dp2-z2"] = (_tiny(cache, out, "tp2dp2-z2", 2, 2, 2), TINY)
-    runs["tp2dp2-z3"] = ({**_tiny(cache, out, "tp2dp2-z3", 2, 2, 3), "checkpoint.export_hf": "merged"}, TINY)
+    runs["tp2dp2-z3"] = (
+        {
+            **_tiny(cache, out, "tp2dp2-z3", 2, 2, 3),
+            "checkpoint.export_hf": "merged",
+            "checkpoint.at_end": True,
+        },
+        TINY,
+    )
     ckpt = out / "tp2dp2-z1" / CHECKPOINTS_DIR / step_name(6)
     for name, (tp, dp, zero) in {
         "resume-same": (2, 2, 1),
@@ -477,3 +484,54 @@ def test_adapter_config_fills_the_section_and_conflicts_are_refused(tmp_path):
     assert resolve_adapter(LoraSection(enabled=True, r=16, adapter=str(tmp_path))).r == 16
     with pytest.raises(ConfigError, match=r"lora\.adapter: .* is not a PEFT adapter folder"):
         resolve_adapter(LoraSection(enabled=True, adapter=str(tmp_path / "none")))
+
+
+def test_a_resume_on_another_base_or_other_adapters_is_refused():
+    import transformers
+
+    from accel_tp.checkpoint.format import TrainState
+    from accel_tp.checkpoint.rules import check_resume
+    from accel_tp.errors import CheckpointError
+    from accel_tp.lora import base_digest, describe
+    from accel_tp.model import architecture_config
+
+    conf = architecture_config("tiny", 4096)
+    torch.manual_seed(1)
+    a = base_digest(transformers.AutoModelForCausalLM.from_config(conf))
+    torch.manual_seed(2)
+    b = base_digest(transformers.AutoModelForCausalLM.from_config(conf))
+    assert a != b
+    saved = TrainState(model="m" + describe(LoraSection(enabled=True, r=8)), base=a).state_dict()
+    check_resume(saved, TrainState(model=saved["model"], base=a), "x")
+    check_resume(saved, TrainState(model=saved["model"]), "x")  # the precheck: no digest yet
+    with pytest.raises(CheckpointError, match="another base model"):
+        check_resume(saved, TrainState(model=saved["model"], base=b), "x")
+    with pytest.raises(CheckpointError, match="another model"):
+        check_resume(saved, TrainState(model="m" + describe(LoraSection(enabled=True, r=16)), base=a), "x")
+    with pytest.raises(CheckpointError, match="another model"):
+        check_resume(saved, TrainState(model="m", base=""), "x")  # a full fine-tune
+
+
+@pytest.mark.parametrize("name", ["tp2dp2-z1", "tp2dp2-z3"])
+def test_export_script_rebuilds_both_from_a_checkpoint(launched, tmp_path, name):
+    """scripts/export_hf.py on the step-12 checkpoint (adapters only; the base re-read): the merged
+    model equals the end-of-training export, and out/adapter holds the same adapter tensors."""
+    from safetensors.torch import load_file
+
+    d = launched[name]["dir"]
+    ckpt = d / CHECKPOINTS_DIR / step_name(STEPS)
+    proc = run([sys.executable, str(ROOT / "scripts" / "export_hf.py"), "--checkpoint", str(ckpt),
+                "--out", str(tmp_path / "out")])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    want = load_file(str(d / EXPORT_DIR / "model.safetensors"))
+    assert set(merged) == set(want)
+    for k in want:
+        torch.testing.assert_close(merged[k], want[k], rtol=1e-6, atol=1e-6)
+    adapter = load_file(str(tmp_path / "out" / ADAPTER_DIR / "adapter_model.safetensors"))
+    assert adapter and all(".lora_" in k for k in adapter)
+    if (d / ADAPTER_DIR).is_dir():
+        trained = load_file(str(d / ADAPTER_DIR / "adapter_model.safetensors"))
+        assert set(adapter) == set(trained)
+        for k in trained:
+            torch.testing.assert_close(adapter[k], trained[k], rtol=0, atol=0)

@@ -166,6 +166,9 @@ class TrainState:
     layout: str = ""
     data: str = ""  # fingerprint of the training data and its order (data_fingerprint); must match
     zero_stage: int | None = None
+    # A LoRA run: digest of the frozen base weights (lora.base_digest), which the checkpoint does
+    # not hold; set once the model is built, so only the load (not the precheck) compares it.
+    base: str = ""
 
     # Only the position comes back from a checkpoint. The identity fields (global batch, model,
     # layout, data, ZeRO stage) stay what this run computed: check_resume has compared them, and a

@@ -105,6 +105,13 @@ def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) 
             "seq_length / packing / min_tokens, the tokenizer, run.seed or data.shuffle differ). Resume "
             "with the data settings it was trained with, or start a new run.name."
         )
+    if saved.get("base") and current.base and saved["base"] != current.base:
+        raise CheckpointError(
+            f"{where}: checkpoint's adapters were trained on another base model (its frozen weights' "
+            f"digest {saved['base']}, this run's {current.base}); the checkpoint holds only the adapters and "
+            "the base is re-read from model.name_or_path. Point model.name_or_path at the base it was "
+            "trained on."
+        )
     gbs = saved.get("global_batch_size", 0)
     if gbs and gbs != current.global_batch_size:
         raise CheckpointError(
