@@ -109,6 +109,7 @@ class Runtime:
     tokenizer: Any = None
     mconf: Any = None  # the model's config (shapes for the FLOP count)
     n_params: int = 0  # of the whole (unsharded) model
+    n_trained: int = 0  # of them, those that train (a LoRA run: the adapters)
     peak_flops: float | None = None
 
 
@@ -312,6 +313,7 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
         tokenizer=tokenizer,
         mconf=mconf,
         n_params=n_params,
+        n_trained=n_trained,
         peak_flops=peak_flops,
     )
 

@@ -535,3 +535,19 @@ def test_export_script_rebuilds_both_from_a_checkpoint(launched, tmp_path, name)
         assert set(adapter) == set(trained)
         for k in trained:
             torch.testing.assert_close(adapter[k], trained[k], rtol=0, atol=0)
+
+
+def test_ray_trains_the_same_adapters(launched, jobs, tmp_path):
+    """scripts/train_ray.py with the tp2 x dp2 ZeRO-1 run's settings: the same losses as under
+    `accelerate launch`, its checkpoints resumable, the adapter exported."""
+    ov, _ = jobs["runs"]["tp2dp2-z1"]
+    ov = {**ov, "ray.storage_path": str(tmp_path / "ray"), "run.output_dir": str(tmp_path / "out")}
+    proc = run([sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY), *set_args(ov)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "ray" / str(ov["run.name"])
+    got = read_metrics(run_dir / METRICS_FILE)
+    assert [m["loss"] for m in got] == [m["loss"] for m in launched["tp2dp2-z1"]["metrics"]]
+    names = {p.name for p in (run_dir / step_name(6) / DS_TAG).iterdir()}
+    assert "mp_rank_01_model_states.pt" in names, names
+    adapters = list(tmp_path.rglob("adapter_model.safetensors"))
+    assert adapters, "no adapter export"

@@ -310,6 +310,7 @@ def _accel_arm(cfg: Any, warmup: int, steps: int) -> tuple[dict[str, float], dic
     timing["setup_s"] = setup_s
     info = {
         "params": rt.n_params,
+        "trained": rt.n_trained,
         "precision": rt.precision,
         "mconf": rt.mconf,
         "peak_flops": rt.peak_flops,
@@ -342,7 +343,8 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         [timing["real"], timing["positions"], timing["context"], timing["seconds"]], device, topo.tp_size
     )
     # The same honest count as training: attention over each token's own document when packed.
-    fpt = flops_per_token(info["mconf"], info["params"], context / max(real, 1.0))
+    # A LoRA arm: 4 FLOPs per frozen parameter per token, 6 per trained one (metrics.flops_per_token).
+    fpt = flops_per_token(info["mconf"], info["params"], context / max(real, 1.0), info.get("trained"))
     seconds = seconds * topo.tp_size / topo.world_size  # mean over ranks (they are in lock step)
     peak = timing["peak_gib"]
     if peak is not None:
@@ -363,6 +365,7 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         "zero": cfg.deepspeed.zero_stage if spec["kind"] != "reference" else 1,
         "precision": info["precision"],
         "params": info["params"],
+        "trained_params": info.get("trained", info["params"]),
         "steps": spec["steps"],
         "step_ms": 1e3 * seconds / spec["steps"],
         "tokens_per_s": tok_s,

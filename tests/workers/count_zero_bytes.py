@@ -1,5 +1,5 @@
-"""Count the bytes one rank holds for the model's parameters and the optimizer (fp32 master
-partitions and Adam moments) after accel-tp's setup and one training step, for the ZeRO stage the
+"""Count the bytes one rank holds for the model's parameters, the optimizer (fp32 master
+partitions and Adam moments) and the gradients after accel-tp's setup and one training step, for the ZeRO stage the
 config says; rank 0 writes the per-rank table as JSON. Run under torchrun (gloo, CPU).
 
 python -m torch.distributed.run --nproc_per_node 4 tests/workers/count_zero_bytes.py CONFIG OUT [--set ...]
@@ -24,10 +24,29 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def gradient_bytes(rt, batch) -> int:
+    """Bytes of gradient this rank holds after one micro-batch's backward: the parameters' own
+    .grad and, ZeRO-1/2, the partitions DeepSpeed reduced them into (averaged_gradients) or its
+    contiguous reduce buffers; then the gradients are dropped again."""
+    inputs = batch.to(rt.accelerator.device).inputs
+    out = rt.model(**inputs, use_cache=False)
+    rt.model.backward(out.loss)
+    total = sum(nbytes(p.grad) for p in rt.model.module.parameters() if p.grad is not None)
+    zero = rt.optimizer.optimizer
+    for parts in (getattr(zero, "averaged_gradients", None) or {}).values():
+        total += sum(nbytes(t) for t in parts or [] if t is not None)
+    for buf in getattr(zero, "ipg_buffer", None) or []:
+        total += nbytes(buf)
+    rt.model.zero_grad()
+    rt.optimizer.zero_grad()
+    return total
+
+
 def count(cfg, last: bool) -> dict | None:
     """One stage: set up, one step, the per-rank table (rank 0; None elsewhere)."""
     rt = setup(cfg)
     stream = rt.loader.stream()
+    grads = gradient_bytes(rt, next(stream)[1])
     train_step(rt, [next(stream)[1] for _ in range(cfg.train.grad_accum_steps)], 0)
     # Parameters: the local storage of each module parameter (ZeRO-3 keeps its partition in
     # ds_tensor and leaves the parameter itself empty outside a forward).
@@ -41,7 +60,7 @@ def count(cfg, last: bool) -> dict | None:
     master = sum(nbytes(t) for t in flat)
     state = zero.optimizer.state  # the torch AdamW that steps those partitions
     moments = sum(nbytes(v) for s in state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq"))
-    row = torch.tensor([params, master, moments], dtype=torch.float64)
+    row = torch.tensor([params, master, moments, grads], dtype=torch.float64)
     rows = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, row)
     report = None
@@ -51,7 +70,9 @@ def count(cfg, last: bool) -> dict | None:
             "tp": rt.topo.tp_size,
             "dp": rt.topo.dp_size,
             "n_params": rt.n_params,
-            "ranks": [dict(zip(("params", "master", "moments"), map(int, r.tolist()))) for r in rows],
+            "ranks": [
+                dict(zip(("params", "master", "moments", "grads"), map(int, r.tolist()))) for r in rows
+            ],
         }
     if last:
         rt.accelerator.end_training()  # destroys the process group: only after the last stage
