@@ -33,6 +33,7 @@ from accel_tp.run_folder import ADAPTER_DIR, CHECKPOINTS_DIR, EXPORT_DIR, METRIC
 from .mp_utils import ROOT, TINY, read_metrics, run, set_args
 from .reference import reference_run
 from .reference_chat import reference_chat_run
+from .test_families import COMMON  # the tiny family shapes (4 query / 2 kv heads)
 
 STEPS = 12
 GLOBAL_BATCH = 4
@@ -43,15 +44,6 @@ ADAPTER_RTOL = 1e-3
 SFT = ROOT / "accelerate_configs" / "sft_tiny_tp2_dp2.yaml"
 CHAT_MARKER = "<|endoftext|>"
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Tiny family shapes (4 query / 2 kv heads: tp2 splits them), as tests/test_families.py.
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
 FAMILIES = {
     "llama": ("LlamaConfig", {}, ATTN_MLP),
     "qwen2": ("Qwen2Config", {}, ATTN_MLP),
@@ -97,10 +89,6 @@ def _common(cache: Path, out: Path, name: str, tp: int, dp: int, zero: int) -> d
         "lora.alpha": 16,
         "lora.target_modules": ATTN_MLP,
     }
-
-
-def _tiny(cache: Path, out: Path, name: str, tp: int, dp: int, zero: int) -> dict[str, object]:
-    return _common(cache, out, name, tp, dp, zero)
 
 
 def _family(cache: Path, out: Path, family: str, model_dir: Path) -> dict[str, object]:
@@ -159,16 +147,16 @@ def jobs(tmp_path_factory, cache, zoo) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("lora-runs")
     runs: dict[str, tuple[dict, Path]] = {}
     main = {
-        **_tiny(cache, out, "tp2dp2-z1", 2, 2, 1),
+        **_common(cache, out, "tp2dp2-z1", 2, 2, 1),
         "checkpoint.every_steps": 6,
         "checkpoint.export_hf": "both",
     }
     runs["tp2dp2-z1"] = (main, TINY)
-    runs["tp1dp4-z1"] = (_tiny(cache, out, "tp1dp4-z1", 1, 4, 1), TINY)
-    runs["tp2dp2-z2"] = (_tiny(cache, out, "tp2dp2-z2", 2, 2, 2), TINY)
+    runs["tp1dp4-z1"] = (_common(cache, out, "tp1dp4-z1", 1, 4, 1), TINY)
+    runs["tp2dp2-z2"] = (_common(cache, out, "tp2dp2-z2", 2, 2, 2), TINY)
     runs["tp2dp2-z3"] = (
         {
-            **_tiny(cache, out, "tp2dp2-z3", 2, 2, 3),
+            **_common(cache, out, "tp2dp2-z3", 2, 2, 3),
             "checkpoint.export_hf": "merged",
             "checkpoint.at_end": True,
         },
@@ -182,7 +170,7 @@ def jobs(tmp_path_factory, cache, zoo) -> dict[str, dict]:
     }.items():
         runs[name] = (
             {
-                **_tiny(cache, out, name, tp, dp, zero),
+                **_common(cache, out, name, tp, dp, zero),
                 "checkpoint.resume_from": str(ckpt),
                 "checkpoint.allow_external_resume": True,
             },
@@ -274,11 +262,9 @@ def test_trained_adapters_match_the_reference(launched, reference, name):
     got = load_file(str(launched[name]["dir"] / ADAPTER_DIR / "adapter_model.safetensors"))
     want = reference(name)["trained"]
     assert set(got) == set(want)
-    start = {}
     for key, ref in want.items():
         rel = float((got[key] - ref).norm() / ref.norm())
         assert rel <= ADAPTER_RTOL, f"{key}: ||delta|| / ||ref|| = {rel:.2e}"
-        start[key] = ref
     # lora_B starts at zero: training moved every one of them.
     assert all(float(v.norm()) > 1e-3 for k, v in got.items() if ".lora_B." in k)
 
