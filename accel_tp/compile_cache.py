@@ -34,18 +34,24 @@ from .compat.torch import compiled_graph_counts
 from .run_folder import COMPILE_CACHE_DIR
 from .storage import download, exists, is_remote, join, upload
 
-__all__ = ["CompileCache", "CompileWatch"]
+__all__ = ["CompileCache", "CompileWatch", "PHASES", "rank_cache_file"]
 
 
 PHASES = ("train", "eval")
+
+
+def rank_cache_file(rank: int, phase: str = "train") -> str:
+    """The name of one rank's artifact file of `phase` in the run's COMPILE_CACHE_DIR:
+    `rank_00003.bin` (training), `rank_00003.eval.bin` (evaluation)."""
+    return f"rank_{rank:05d}{'' if phase == 'train' else f'.{phase}'}.bin"
 
 
 class CompileCache:
     """Load and save one rank's compile artifacts under a run folder (local path or URI)."""
 
     def __init__(self, run_folder: str | os.PathLike, rank: int) -> None:
-        base = join(str(run_folder), COMPILE_CACHE_DIR, f"rank_{rank:05d}")
-        self.locations = {"train": f"{base}.bin", "eval": f"{base}.eval.bin"}
+        folder = join(str(run_folder), COMPILE_CACHE_DIR)
+        self.locations = {phase: join(folder, rank_cache_file(rank, phase)) for phase in PHASES}
         self._saved: set[str] = set()
 
     def load(self) -> str:

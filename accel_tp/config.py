@@ -262,6 +262,10 @@ class ParallelismSection:
     # None: world_size // tp_size (accelerate launch decides the world); Ray needs it to size the
     # worker group, so a Ray run requires it.
     dp_size: int | None = None
+    # At tp_size > 1: the output head split by vocabulary and the loss computed on each rank's slice
+    # (accel_tp/vocab_parallel.py), so no rank holds the whole vocabulary's logits. false: the head's
+    # logits gathered on every rank (and a tied embedding whole), the model's own loss.
+    vocab_parallel_loss: bool = True
 
     def validate(self) -> None:
         if self.tp_size < 1:

@@ -27,6 +27,8 @@ __all__ = [
     "quiet_libraries",
     "free_port",
     "single_process_env",
+    "PROCESS_GROUP_ENV",
+    "process_group_backend",
 ]
 
 # Whether the user chose the extensions folder (a shared one may be held from another host: its
@@ -35,6 +37,9 @@ _USER_SET = frozenset(k for k in ("TORCH_EXTENSIONS_DIR",) if k in os.environ)
 _ALLOC_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 # Shows the libraries' info logs and warnings again (they repeat on every rank otherwise).
 VERBOSE_ENV = "ACCEL_TP_VERBOSE"
+# Tests and benchmarks only: several ranks on one GPU through accel_tp/staged_gloo.py
+# (ACCEL_TP_PROCESS_GROUP=staged_gloo on every rank, each with LOCAL_RANK=0). Not a user setting.
+PROCESS_GROUP_ENV = "ACCEL_TP_PROCESS_GROUP"
 
 
 def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -144,3 +149,16 @@ def single_process_env(port: int) -> dict[str, str]:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def process_group_backend(device_type: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The torch.distributed backend of a run's processes: NCCL on GPUs, gloo on CPUs, or the
+    staged backend a test or benchmark asks for (PROCESS_GROUP_ENV)."""
+    asked = environ.get(PROCESS_GROUP_ENV)
+    if not asked:
+        return "nccl" if device_type == "cuda" else "gloo"
+    from . import staged_gloo  # registers its backend
+
+    if asked != staged_gloo.NAME:
+        raise ValueError(f"{PROCESS_GROUP_ENV}={asked!r}: the only choice is {staged_gloo.NAME!r} (or unset)")
+    return asked

@@ -53,6 +53,7 @@ from .lora import (
 )
 from .model import build_model, load_tokenizer, model_config, model_fingerprint, param_groups
 from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin
+from .parallelize import prepare_vocabulary_split
 from .run_folder import ADAPTER_DIR, CHECKPOINTS_DIR
 from .storage import download, exists, is_remote, join, replace_folder
 
@@ -356,6 +357,7 @@ def _export_worker(
                 dtype=torch.float32 if zero3 else DTYPES[load_dtype],
                 trust_remote_code=cfg.model.trust_remote_code,
             )
+    prepare_vocabulary_split(model, cfg)  # the head split as the run split it
     with hidden_from_autotp(model) if lora else contextlib.nullcontext():
         if zero3:
             optimizer = torch.optim.AdamW(

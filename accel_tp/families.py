@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, ModelSection
+from .config import Config, ConfigError, ModelSection
 
 __all__ = [
     "Partition",
@@ -49,6 +49,9 @@ __all__ = [
     "with_lora",
     "split_module_names",
     "tensor_parallel_block",
+    "vocabulary_split",
+    "PLAIN_HEAD_TYPES",
+    "plain_head",
     "check_against_model",
     "to_regex",
     "localize_attention",
@@ -355,14 +358,75 @@ def partition_for(
 
 
 def tensor_parallel_block(
-    section: ModelSection, tp_size: int, lora_targets: frozenset[str] = frozenset()
+    section: ModelSection,
+    tp_size: int,
+    lora_targets: frozenset[str] = frozenset(),
+    vocab_parallel: bool = False,
 ) -> dict[str, Any]:
-    """DeepSpeed's `tensor_parallel` config block for this run."""
+    """DeepSpeed's `tensor_parallel` config block for this run; `vocab_parallel`: the output head
+    split by vocabulary (`vocabulary_split`)."""
     block: dict[str, Any] = {"autotp_size": tp_size}
     partition = partition_for(section, tp_size, lora_targets)
     if partition.partition_config is not None:
         block["partition_config"] = partition.partition_config
+    if tp_size > 1:
+        # Always said: DeepSpeed's default (None) splits a tied head where the model's plan holds
+        # embedding_rowwise and leaves every other head gathered (runtime/engine.py
+        # _apply_autotp_partitioning), so one setting would mean different things per family.
+        block["vocab_parallel_lm_head"] = vocab_parallel
     return block
+
+
+# Modules whose PEFT copy (lora.modules_to_save) would hide the head from DeepSpeed's
+# vocabulary-parallel split: it finds the head by its last name (module_inject/auto_tp.py
+# _is_lm_head_name), under PEFT's wrapper `modules_to_save.<adapter>`, and a tied embedding by
+# sharing the head's weight.
+_VOCAB_MODULES = frozenset({*_LM_HEADS, "embed_tokens", "wte", "embed_in"})
+
+
+def vocabulary_split(cfg: Config) -> tuple[bool, str]:
+    """Whether AutoTP splits the output head by vocabulary (parallelism.vocab_parallel_loss at
+    tp > 1), and if not, why: the setting, or LoRA training a copy of the head or embedding, or a
+    partition that routes other layers through DeepSpeed's head-name list."""
+    tp = cfg.parallelism.tp_size
+    if tp <= 1:
+        return False, "tp 1"
+    if not cfg.parallelism.vocab_parallel_loss:
+        return False, "parallelism.vocab_parallel_loss: false"
+    saved = _VOCAB_MODULES & set(cfg.lora.modules_to_save if cfg.lora.enabled else [])
+    if saved:
+        return False, f"lora.modules_to_save trains a copy of {sorted(saved)}"
+    partition = partition_for(cfg.model, tp, cfg.lora.targets())
+    heads = (partition.partition_config or {}).get("lm_head_patterns", _LM_HEADS)
+    others = sorted(set(heads) - set(_LM_HEADS))
+    if others:
+        # DeepSpeed 0.19.8 takes every linear named in lm_head_patterns for the vocabulary head
+        # (module_inject/auto_tp.py _is_vocab_parallel_lm_head); the names are there for its
+        # replicated-input row layer, so it would find several heads and refuse.
+        return False, (
+            f"the {partition.model_type} partition's rowwise_split_input layers {others} share DeepSpeed's "
+            "head-name list (module_inject/auto_tp.py _is_vocab_parallel_lm_head)"
+        )
+    return True, ""
+
+
+# Causal-LM models whose forward applies the head and then the loss with nothing between (no
+# soft-capping or scaling of the logits; tests/test_families.py reads each one's forward). For
+# these the vocabulary-parallel loss starts from the final hidden states and works in chunks of
+# tokens (accel_tp/vocab_parallel.py). Any other model keeps its own forward, and DeepSpeed's
+# vocabulary-parallel loss takes the logits slice it computes (deepspeed/sequence/cross_entropy.py).
+PLAIN_HEAD_TYPES = frozenset(
+    {
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3", "olmo2", "olmo3",
+        "starcoder2", "glm", "glm4", "qwen2_moe", "qwen3_moe", "mixtral",
+    }
+)  # fmt: skip
+
+
+def plain_head(mconf: Any) -> bool:
+    """Whether the model's loss is the head's logits' cross-entropy alone (PLAIN_HEAD_TYPES; an
+    MoE model that adds its router's auxiliary loss is not)."""
+    return mconf.model_type in PLAIN_HEAD_TYPES and not getattr(mconf, "output_router_logits", False)
 
 
 def check_against_model(partition: Partition, model: Any) -> None:

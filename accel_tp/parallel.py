@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, ConfigError
-from .families import tensor_parallel_block
+from .families import tensor_parallel_block, vocabulary_split
 
 __all__ = [
     "Topology",
@@ -143,7 +143,12 @@ def build_deepspeed_config(
         "zero_optimization": zero,
         # AutoTP's size and, for families DeepSpeed's own plan conversion refuses (or a model.tp_plan),
         # the partition accel-tp writes for it (accel_tp/families.py).
-        "tensor_parallel": tensor_parallel_block(cfg.model, topo.tp_size, cfg.lora.targets()),
+        "tensor_parallel": tensor_parallel_block(
+            cfg.model,
+            topo.tp_size,
+            cfg.lora.targets(),
+            vocab_parallel=vocabulary_split(cfg)[0],
+        ),
         # Our optimizer is torch AdamW; ZeRO accepts it with this flag.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

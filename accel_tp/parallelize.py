@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from .compat.deepspeed import vocab_splittable_embedding
 from .compat.liger import liger_api
 from .config import Config, ConfigError, ModelSection
-from .families import localize_attention, partition_for
+from .families import localize_attention, partition_for, plain_head, vocabulary_split
+from .vocab_parallel import DEFAULT_CHUNK_TOKENS, vocab_parallel_head, vocab_parallel_loss_forward
 
 __all__ = [
     "check_device_support",
@@ -25,6 +27,8 @@ __all__ = [
     "compile_decoder_layers",
     "checkpointed_layer_count",
     "enable_activation_checkpointing",
+    "install_vocab_parallel_loss",
+    "prepare_vocabulary_split",
     "FUSED_LOSS_CHUNK_MEM",
 ]
 
@@ -59,7 +63,24 @@ def apply_before_sharding(model: Any, cfg: Config, tp_size: int) -> list[str]:
         applied.append(f"Liger ({', '.join(kernels)})")
     if cfg.model.activation_checkpointing:
         applied.append(enable_activation_checkpointing(model, cfg.model.activation_checkpointing))
+    prepare_vocabulary_split(model, cfg)
     return applied
+
+
+def prepare_vocabulary_split(model: Any, cfg: Config) -> None:
+    """Before AutoTP, when it will split the head by vocabulary (families.vocabulary_split): a tied
+    embedding must be one DeepSpeed can split with it (compat.deepspeed.vocab_splittable_embedding),
+    else a ConfigError names the setting. The training and the export both call it."""
+    if not vocabulary_split(cfg)[0]:
+        return
+    try:
+        vocab_splittable_embedding(model)
+    except NotImplementedError as e:
+        raise ConfigError(
+            f"parallelism.vocab_parallel_loss: the {model.config.model_type!r} model's embedding is tied to its "
+            f"output head and DeepSpeed cannot split it by vocabulary ({e}); set "
+            "parallelism.vocab_parallel_loss: false (every rank then holds the whole logits)."
+        ) from e
 
 
 def checkpointed_layer_count(setting: bool | int, num_layers: int) -> int:
@@ -96,9 +117,32 @@ def apply_after_sharding(module: Any, cfg: Config) -> list[str]:
     """Fix-ups and levers on the sharded module (the engine's `.module`); returns the levers applied."""
     tp = cfg.parallelism.tp_size
     localize_attention(module, partition_for(cfg.model, tp), tp)  # before compile traces the forward
+    applied = []
+    loss = install_vocab_parallel_loss(module, cfg)
+    if loss:
+        applied.append(loss)
     if cfg.model.compile:
-        return [f"compiled {compile_decoder_layers(module)} decoder layers"]
-    return []
+        applied.append(f"compiled {compile_decoder_layers(module)} decoder layers")
+    return applied
+
+
+def install_vocab_parallel_loss(module: Any, cfg: Config) -> str | None:
+    """At tp > 1 with the head split by vocabulary (families.vocabulary_split): the training loss
+    from the final hidden states and this rank's head rows, in chunks of tokens, for a model whose
+    forward is head-then-loss (families.plain_head); for any other, its own forward with the
+    vocabulary-parallel loss DeepSpeed installed. Returns what runs (None: the whole-vocabulary loss)."""
+    split, why = vocabulary_split(cfg)
+    if not split:
+        return f"whole-vocabulary logits on every rank ({why})" if cfg.parallelism.tp_size > 1 else None
+    head = vocab_parallel_head(module)
+    if head is None:  # DeepSpeed raises first when it cannot split the head (engine.py finalize_autotp)
+        raise RuntimeError("parallelism.vocab_parallel_loss: AutoTP left the output head unsplit")
+    if not plain_head(module.config):
+        kind = module.config.model_type
+        return f"vocabulary-parallel head, DeepSpeed's loss (the {kind} forward transforms its logits)"
+    module.forward = vocab_parallel_loss_forward(module, head, chunk_tokens=DEFAULT_CHUNK_TOKENS)
+    rows = head.vocab_end_index - head.vocab_start_index
+    return f"vocabulary-parallel loss ({rows} of {head.vocab_size} rows per rank, {DEFAULT_CHUNK_TOKENS}-token chunks)"
 
 
 # Liger's fused loss works through the tokens in chunks of about

@@ -35,7 +35,7 @@ from .data import (
     load_or_build_tokenized,
     prepare_dataloader,
 )
-from .env import apply_worker_env, quiet_libraries
+from .env import apply_worker_env, process_group_backend, quiet_libraries
 from .evaluation import Validator, all_reduce_floats
 from .export import AdapterExport, export_hf
 from .lora import apply_lora, base_digest, describe, hidden_from_autotp, resolve_adapter, trainable_count
@@ -149,7 +149,7 @@ def build_accelerator(cfg: Config, folder: RunFolder) -> tuple[Any, Topology, st
         step_scheduler_with_optimizer=False,
         # The same count as the DeepSpeed config (Accelerate warns on every rank when they differ).
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if device_type == "cuda" else "gloo")],
+        kwargs_handlers=[InitProcessGroupKwargs(backend=process_group_backend(device_type))],
     )
     assert accelerator.num_processes == topo.world_size and accelerator.process_index == topo.rank
     if log_with:

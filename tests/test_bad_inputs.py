@@ -1,5 +1,6 @@
-"""The README's bad-input table: each bad input gets a clear error before the expensive part, and
-nothing already saved is touched. (Errors raised inside workers are covered in test_multiprocess.)"""
+"""The bad-input table of docs/errors.md: each bad input gets a clear error before the expensive part,
+and nothing already saved is touched. (Errors raised inside workers are covered in test_multiprocess
+and test_errors.)"""
 
 from __future__ import annotations
 

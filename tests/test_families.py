@@ -7,7 +7,7 @@ processes, one `accelerate launch` for all families: tests/workers/train_familie
 losses within 2e-6 relative, gradient norms within 5e-5 (the bounds and their reasons:
 tests/test_multiprocess.py). The tp2 runs also export the model (`checkpoint.export_hf`), whose
 logits in one plain process must equal the TP model's, and report the class and local shape of
-every linear layer, so the partition each family claims (README "Model families") is checked
+every linear layer, so the partition each family claims (docs/families.md, "Tested") is checked
 rather than assumed. The unit tests at the bottom cover the partition choice, the attention
 kernel check and the refusals, which need no processes.
 """
@@ -98,11 +98,18 @@ LAYOUTS: dict[str, dict[str, str]] = {
     "qwen3_moe": {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row"},
     "mixtral": {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row"},
 }  # fmt: skip
-# The embedding and the output head at tp2 (measured; README "Model families"): an untied head is
-# column-split with its logits gathered, the embedding whole; a tied pair is vocab-split by DeepSpeed
-# where its vocab-parallel path takes the embedding (Gemma-3, Starcoder2), else both stay whole.
-HEADS = {"gemma": ("whole", "whole"), "gemma2": ("whole", "whole"), "gemma3": ("column", "column"),
-         "starcoder2": ("column", "column")}  # fmt: skip
+
+
+# The embedding and the output head at tp2 (parallelism.vocab_parallel_loss, on by default): the
+# head is split by vocabulary in every family, a tied embedding with it (the same rows), an untied
+# one stays whole (docs/families.md).
+def _heads(model_dir: Path) -> tuple[str, str]:
+    from transformers import AutoConfig
+
+    tied = AutoConfig.from_pretrained(model_dir).get_text_config().tie_word_embeddings
+    return ("column" if tied else "whole", "column")
+
+
 # A user's own plan (model.tp_plan) for Llama: attention split, MLP left whole.
 USER_PLAN = {
     "layers.*.self_attn.q_proj": "colwise",
@@ -185,6 +192,12 @@ def _runs(zoo, tp: int, tmp_path_factory) -> dict[str, dict]:
             **_overrides(cache, out, zoo["llama"], "llama-user-plan", tp, False),
             "model.tp_plan": USER_PLAN,
         }
+        # The head gathered (vocabulary-parallel loss off): a tied pair whole, an untied head's logits gathered.
+        for family in ("gemma", "llama"):
+            jobs[f"{family}-gathered-head"] = {
+                **_overrides(cache, out, zoo[family], f"{family}-gathered-head", tp, False),
+                "parallelism.vocab_parallel_loss": False,
+            }
         jobs["olmo2-naive-plan"] = {
             **_overrides(cache, out, zoo["olmo2"], "olmo2-naive-plan", tp, False),
             "model.tp_plan": NAIVE_OLMO2,
@@ -292,7 +305,7 @@ def test_tp2_parity_and_partition(tp2_runs, references, zoo, family):
     assert ref["losses"][-1] < ref["losses"][0] - 0.01
     assert got["metrics"][-1]["eval_loss"] == pytest.approx(ref["eval_loss"], rel=RTOL)
     kinds = _layout(got["shards"], zoo[family])
-    embed, head = HEADS.get(family, ("whole", "column"))
+    embed, head = _heads(zoo[family])
     for name, kind in {**LAYOUTS.get(family, ATTN_MLP), "embed_tokens": embed, "lm_head": head}.items():
         assert kinds.get(name) == {kind}, f"{family}: {name} is {kinds.get(name)}, expected {kind}"
     # The claimed partition: DeepSpeed's own path only where its converter takes the model.
@@ -325,6 +338,20 @@ def test_tp1_parity(tp1_runs, references, family):
     got, ref = tp1_runs[family], references(family)
     worst = _assert_close([m["loss"] for m in got["metrics"]], ref["losses"], RTOL)
     print(f"[families] {family} tp1: loss {worst:.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_tp2_gathered_head(tp2_runs, references, zoo, family):
+    """parallelism.vocab_parallel_loss: false keeps the whole-vocabulary logits on every rank (a
+    tied embedding and head whole, an untied head column-split with its logits gathered): the
+    same losses as the reference."""
+    got = tp2_runs[f"{family}-gathered-head"]
+    _assert_close([m["loss"] for m in got["metrics"]], references(family)["losses"], RTOL)
+    kinds = _layout(got["shards"], zoo[family])
+    tied = _heads(zoo[family])[0] == "column"
+    assert kinds["embed_tokens"] == {"whole"}
+    assert kinds["lm_head"] == ({"whole"} if tied else {"column"})
 
 
 @pytest.mark.slow

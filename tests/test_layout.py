@@ -59,6 +59,7 @@ LAYERS: list[set[str]] = [
         "compat.transformers",
         "checkpoint.safe_load",
         "vocab_parallel",
+        "staged_gloo",
     },
     {"errors"},
 ]

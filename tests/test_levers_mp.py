@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from accel_tp.compile_cache import PHASES, rank_cache_file
 from accel_tp.config import load_config
 from accel_tp.run_folder import COMPILE_CACHE_DIR, METRICS_FILE
 
@@ -41,7 +42,7 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path, monkeypatch):
     saved = sorted(p.name for p in (tmp_path / "runs" / "compiled" / COMPILE_CACHE_DIR).iterdir())
     # The training graphs after the first step; the evaluation's (step 20, before the failing save)
     # after the first evaluation.
-    assert saved == ["rank_00000.bin", "rank_00000.eval.bin", "rank_00001.bin", "rank_00001.eval.bin"]
+    assert saved == [rank_cache_file(rank, phase) for rank in range(2) for phase in PHASES]
     compiled = re.search(r"first evaluation of this worker done; .*Inductor (\d+) of (\d+)", first.stdout)
     assert compiled and int(compiled[2]) > 0, first.stdout[-3000:]  # evaluation compiles graphs of its own
 

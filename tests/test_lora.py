@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from accel_tp.checkpoint.format import DS_TAG, step_name
+from accel_tp.checkpoint.format import DS_TAG, model_states_file, step_name
 from accel_tp.config import ConfigError, LoraSection, config_from_dict, load_config
 from accel_tp.env import free_port
 from accel_tp.export import EXPORT_CHECK_FILE
@@ -305,7 +305,7 @@ def test_checkpoint_holds_adapters_not_the_frozen_base(launched):
     """The step-6 checkpoint's module files hold the adapters only; its optimizer partitions only
     their fp32 state (ZeRO-1)."""
     ckpt = launched["tp2dp2-z1"]["dir"] / CHECKPOINTS_DIR / step_name(6) / DS_TAG
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    states = torch.load(ckpt / model_states_file(0), weights_only=False, map_location="cpu")
     module = states["module"]
     assert module and all(".lora_" in k for k in module), sorted(module)[:5]
     trained = sum(v.numel() for v in module.values())
@@ -534,6 +534,6 @@ def test_ray_trains_the_same_adapters(launched, jobs, tmp_path):
     got = read_metrics(run_dir / METRICS_FILE)
     assert [m["loss"] for m in got] == [m["loss"] for m in launched["tp2dp2-z1"]["metrics"]]
     names = {p.name for p in (run_dir / step_name(6) / DS_TAG).iterdir()}
-    assert "mp_rank_01_model_states.pt" in names, names
+    assert model_states_file(1) in names, names
     adapters = list(tmp_path.rglob("adapter_model.safetensors"))
     assert adapters, "no adapter export"

@@ -100,7 +100,7 @@ def worker(out: Path, zero_stage: int) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accel_tp.checkpoint.format import DS_TAG, TrainState, register_for_checkpointing
     from accel_tp.checkpoint.safe_load import safe_loading, verify_checkpoint
-    from accel_tp.checkpoint.universal import convert_to_universal
+    from accel_tp.checkpoint.universal import convert_to_universal, universal_cache_for
     from accel_tp.compat.accelerate import prepared_engines
     from accel_tp.compat.deepspeed import universal_load
     from accel_tp.compat.transformers import without_hf_zero3_init
@@ -191,7 +191,7 @@ def worker(out: Path, zero_stage: int) -> None:
     report["export_load_exact"] = loaded is not None and _same(_params(engine, zero_stage), saved[:n])
 
     # A resharding resume: the universal conversion (main process), then the universal load.
-    cache = out / "good.universal"
+    cache = universal_cache_for(good)
     if acc.is_main_process:
         t = time.perf_counter()
         with safe_loading(good):
@@ -221,6 +221,13 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
+from accel_tp.checkpoint.format import (  # noqa: E402
+    DS_TAG,
+    RUN_CONFIG_FILE,
+    model_states_file,
+    optim_states_file,
+    rng_state_file,
+)
 from accel_tp.checkpoint.safe_load import (  # noqa: E402
     TRUST_PICKLES_FIELD,
     allowed_globals,
@@ -236,11 +243,11 @@ from .mp_utils import torchrun  # noqa: E402
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
-def _poisoned(tmp_path: Path, name: str = "mp_rank_01_model_states.pt") -> tuple[Path, Path, Path]:
+def _poisoned(tmp_path: Path, name: str = model_states_file(1)) -> tuple[Path, Path, Path]:
     folder, marker = tmp_path / "ckpt", tmp_path / MARKER
-    (folder / "pytorch_model").mkdir(parents=True)
-    torch.save({"module": {"w": torch.ones(2)}}, folder / "pytorch_model" / "mp_rank_00_model_states.pt")
-    bad = folder / "pytorch_model" / name
+    (folder / DS_TAG).mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(2)}}, folder / DS_TAG / model_states_file(0))
+    bad = folder / DS_TAG / name
     bad.touch()
     poison(bad, marker)
     return folder, bad, marker
@@ -292,7 +299,7 @@ def test_other_pickle_forms_are_refused(tmp_path, form):
 
     folder, marker = tmp_path / "ckpt", tmp_path / MARKER
     folder.mkdir()
-    bad = folder / "random_states_0.pkl"
+    bad = folder / rng_state_file(0)
 
     class System:
         def __reduce__(self):
@@ -313,14 +320,14 @@ def test_a_pickle_under_any_name_is_checked(tmp_path):
     folder, marker = tmp_path / "ckpt", tmp_path / MARKER
     folder.mkdir()
     torch.save(Payload(marker), folder / "something")
-    (folder / "accel_tp_config.yaml").write_text("run: {}\n")
+    (folder / RUN_CONFIG_FILE).write_text("run: {}\n")
     assert pickle_files(folder) == [folder / "something"]
 
 
 def test_damaged_file_is_named(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    f = folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    f = folder / optim_states_file(0, 0)
     torch.save({"x": torch.zeros(1000)}, f)
     f.write_bytes(f.read_bytes()[:500])
     with pytest.raises(CheckpointError, match=f"{f}: cannot be read"):

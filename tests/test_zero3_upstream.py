@@ -19,7 +19,7 @@ The workaround shown exact here: build the model with the weakref cleared
 train_batch_size out of the DeepSpeed dict, and let deepspeed.initialize partition the whole model.
 
 Each test spawns 2 gloo processes on CPU (~30-60 s each on 2 cores). Run:
-    pytest -m slow tests/zero3_repro.py
+    pytest -m slow tests/test_zero3_upstream.py
 """
 
 from __future__ import annotations

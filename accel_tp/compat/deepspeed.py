@@ -6,7 +6,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["keep_clipping_grad_norm", "universal_load", "universal_info_without_frozen"]
+__all__ = [
+    "keep_clipping_grad_norm",
+    "universal_load",
+    "universal_info_without_frozen",
+    "vocab_splittable_embedding",
+]
 
 
 def keep_clipping_grad_norm(engine: Any) -> bool:
@@ -88,3 +93,30 @@ def universal_info_without_frozen(module: Any) -> int:
         params = info[c.AFFINE_MAP][c.AFFINE_MAP_PARAMS]
         info[c.AFFINE_MAP][c.AFFINE_MAP_PARAMS] = {k: v for k, v in params.items() if k not in frozen}
     return dropped
+
+
+# Scaled word embeddings whose forward is, line for line, Gemma-3's (the weight's lookup times
+# `embed_scale` in the weight's dtype), which DeepSpeed 0.19.8 alone lets it split by vocabulary
+# (module_inject/layers.py VocabParallelEmbedding.validate_embedding checks the class by name).
+# tests/test_vocab_parallel.py compares the forwards' source.
+SCALED_AS_GEMMA3 = (
+    ("transformers.models.gemma.modeling_gemma", "GemmaTextScaledWordEmbedding"),
+    ("transformers.models.gemma2.modeling_gemma2", "Gemma2TextScaledWordEmbedding"),
+)
+
+
+def vocab_splittable_embedding(model: Any) -> None:
+    """Before AutoTP: let DeepSpeed split a tied input embedding by vocabulary with its head. A
+    scaled embedding of SCALED_AS_GEMMA3 takes Gemma-3's class (the same forward, buffers and
+    weight); any other it cannot split raises NotImplementedError with DeepSpeed's reason."""
+    from deepspeed.module_inject.layers import VocabParallelEmbedding
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is None or embedding is None or embedding.weight is not head.weight:
+        return  # untied: DeepSpeed splits only the head
+    kind = type(embedding)
+    if (kind.__module__, kind.__name__) in SCALED_AS_GEMMA3:
+        embedding.__class__ = Gemma3TextScaledWordEmbedding
+    VocabParallelEmbedding.validate_embedding(embedding)

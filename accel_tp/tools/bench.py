@@ -39,7 +39,7 @@ from typing import Any
 
 from ..cli import add_set_argument
 from ..config import load_config
-from ..env import allocator_env, free_port, single_process_env, worker_env
+from ..env import allocator_env, free_port, process_group_backend, single_process_env, worker_env
 from ..metrics import FLOPS_FORMULA, flops_per_token, mfu, peak_bf16_flops
 from .common import measurement_overrides
 
@@ -181,7 +181,7 @@ def _reference_arm(
     from ..trainer import lr_lambda, param_groups
 
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    deepspeed.init_distributed(dist_backend=process_group_backend("cuda" if cuda else "cpu"))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
