@@ -21,6 +21,7 @@ PKG = ROOT / "accel_tp"
 # leaves below it in this table). Entry points -> launch -> trainer -> components -> config.
 LAYERS: list[set[str]] = [
     {"tools.bench", "tools.commbench", "tools.profile", "tools.block_mask"},
+    {"tools.shared_gpu"},
     {"tools.common"},
     {"cli"},
     {"launch"},

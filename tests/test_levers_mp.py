@@ -35,9 +35,8 @@ def test_compiled_layers_match_the_reference_under_tp(tmp_path, monkeypatch):
     assert (
         first.returncode != 0 and f"injected failure in the step-{STEPS} save" in first.stdout + first.stderr
     )
-    assert (
-        "[accel-tp] speed levers: compiled 4 decoder layers" in first.stdout
-    )  # engaged, not just configured
+    # Engaged, not just configured (after the vocabulary-parallel loss at tp 2).
+    assert re.search(r"\[accel-tp\] speed levers: .*compiled 4 decoder layers", first.stdout)
     assert "compile cache: none loaded for this rank" in first.stdout
     saved = sorted(p.name for p in (tmp_path / "runs" / "compiled" / COMPILE_CACHE_DIR).iterdir())
     # The training graphs after the first step; the evaluation's (step 20, before the failing save)

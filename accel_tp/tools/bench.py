@@ -175,7 +175,7 @@ def _reference_arm(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..data import load_or_build_tokenized, prepare_dataloader
+    from ..data import elect_cache_builder, load_or_build_tokenized, prepare_dataloader
     from ..model import load_tokenizer, model_config
     from ..parallel import Topology, resolve_precision
     from ..trainer import lr_lambda, param_groups
@@ -190,10 +190,16 @@ def _reference_arm(
     precision = resolve_precision(
         cfg.deepspeed.precision, device.type, cuda and torch.cuda.is_bf16_supported()
     )
-    tok = load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
-    mconf = model_config(cfg.model, len(tok))
+    # As training does (trainer.build_data): one rank per filesystem builds the caches first.
     barrier = torch.distributed.barrier
-    dataset = load_or_build_tokenized(cfg.data, tok, int(os.environ.get("LOCAL_RANK", "0")) == 0, barrier)
+    builder = elect_cache_builder(cfg.data.resolved_cache_dir())
+    if builder:
+        tok = load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
+    barrier()
+    if not builder:
+        tok = load_tokenizer(cfg.model, cfg.data.resolved_cache_dir())
+    mconf = model_config(cfg.model, len(tok))
+    dataset = load_or_build_tokenized(cfg.data, tok, builder, barrier)
     tr = cfg.train
     loader = prepare_dataloader(
         dataset,
@@ -395,8 +401,9 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
 # Driver side: build the arms, run each in a subprocess, print the table.
 
 
-def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
-    """One arm in a fresh process tree; a failure becomes a row with its error, not a crash."""
+def run_arm(spec: dict[str, Any], nproc: int, timeout: float, shared_gpu: bool = False) -> dict[str, Any]:
+    """One arm in a fresh process tree; a failure becomes a row with its error, not a crash.
+    `shared_gpu`: the `nproc` ranks share the one GPU (accel_tp/tools/shared_gpu.py)."""
     port = free_port()
     env = dict(os.environ)
     # Every arm gets the environment accel-tp gives its own workers (allocator default, or the
@@ -404,6 +411,12 @@ def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
     env.update(worker_env(env))
     env.update(spec.get("env", {}))  # a variant's own environment (e.g. a measurement seam)
     payload = ["-m", "accel_tp.tools.bench", "--worker", json.dumps(spec)]
+    if shared_gpu:
+        from . import shared_gpu as shared
+
+        t0 = time.perf_counter()
+        done = shared.run(nproc, [sys.executable, *payload], env, timeout)
+        return _arm_row(spec, done.stdout, done.stderr, done.returncode, time.perf_counter() - t0)
     if nproc == 1:
         env.update(single_process_env(port))
         cmd = [sys.executable, *payload]
@@ -437,7 +450,10 @@ def run_arm(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
         out, err = proc.communicate()
         err += f"\ntimeout {timeout}s"
         rc = -1
-    wall = time.perf_counter() - t0
+    return _arm_row(spec, out, err, rc, time.perf_counter() - t0)
+
+
+def _arm_row(spec: dict[str, Any], out: str, err: str, rc: int, wall: float) -> dict[str, Any]:
     for line in out.splitlines():
         if line.startswith(_RESULT):
             row = json.loads(line[len(_RESULT) :])
@@ -742,6 +758,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus", choices=["config", "wikitext-like"], default="config")
     p.add_argument("--docs", type=int, default=20000, help="documents in the wikitext-like mix")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per arm")
+    p.add_argument(
+        "--shared-gpu",
+        action="store_true",
+        help="the --nproc processes share one GPU (staged gloo transport: memory per process is "
+        "meaningful, throughput is not)",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds per arm")
     p.add_argument("--json", default=None, help="write the rows here (rewritten after every arm)")
     return p.parse_args(argv)
@@ -761,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for i, spec in enumerate(arms):
         print(f"[bench] {i + 1}/{len(arms)} {spec['name']} {spec['group']} ...", flush=True)
-        row = run_arm(spec, args.nproc, args.timeout)
+        row = run_arm(spec, args.nproc, args.timeout, args.shared_gpu)
         report["rows"].append(row)
         add_ratios(report["rows"])
         if "error" in row:
