@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import check_run_folder
-from .compat.ray import WorkerCount, elastic_worker_count_override
+from .compat.ray import WorkerCount, elastic_worker_count_override, loopback_only
 from .config import Config, config_from_dict, elastic_worker_counts
 from .data import check_data_sources
 from .env import VERBOSE_ENV, ray_driver_env, ray_worker_env
@@ -89,6 +89,18 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     run_worker(config_from_dict(loop_config["config"]), RayMode(loop_config["run_root"]))
 
 
+def init_ray(address: str | None, runtime_env: dict[str, Any], local_cpus: int | None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), or with `local_cpus` start a local instance
+    whose servers all listen on 127.0.0.1 only (nothing else is meant to join it)."""
+    import ray
+
+    if local_cpus is None:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    with loopback_only() as bind:
+        ray.init(runtime_env=runtime_env, log_to_driver=True, num_cpus=local_cpus, **bind)
+
+
 def run_ray(cfg: Config, address: str | None = None) -> Any:
     """Run the job on Ray Train with tp_size x dp_size workers; returns Ray's Result."""
     import ray
@@ -138,8 +150,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
         env = {"env_vars": {**ray_worker_env(os.environ), **aws, "PYTHONPATH": pythonpath}}
         # A local instance gets enough logical CPUs for the worker group even on a small machine
         # (CPU workers then share cores); a cluster reports what it has.
-        local = {"num_cpus": max(os.cpu_count() or 1, cpus_needed + 1)} if address is None else {}
-        ray.init(address=address, runtime_env=env, log_to_driver=True, **local)
+        init_ray(address, env, None if joined else max(os.cpu_count() or 1, cpus_needed + 1))
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
     if resources.get("CPU", 0) < cpus_needed:

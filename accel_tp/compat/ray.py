@@ -7,7 +7,12 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["quiet_ray_train_reports", "elastic_worker_count_override", "count_limited_policy_class"]
+__all__ = [
+    "quiet_ray_train_reports",
+    "elastic_worker_count_override",
+    "count_limited_policy_class",
+    "loopback_only",
+]
 
 # (reserved resources of each node, resources per worker) -> how many workers to start.
 WorkerCount = Callable[[list[dict[str, float]], dict[str, float]], int]
@@ -61,3 +66,26 @@ def elastic_worker_count_override(count: WorkerCount) -> Iterator[None]:
         yield
     finally:
         dpt.create_scaling_policy = create
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[dict[str, Any]]:
+    """Around a `ray.init` that starts a local instance: its kwargs, so that every Ray server
+    (GCS, raylet, object manager, workers' gRPC, dashboard agent, runtime-env agent, metrics)
+    listens on 127.0.0.1 only.
+
+    Ray 2.60 binds loopback only when the node IP is a loopback address, but ray.init turns
+    `_node_ip_address="127.0.0.1"` into the host's IP (_private/services.py resolve_ip_for_localhost)
+    unless ray_constants.ENABLE_RAY_CLUSTER is false (env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read at
+    import; it would also stop `ray start` from joining nodes, so it is set only during the call)."""
+    from ray._private import ray_constants
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield {"_node_ip_address": LOOPBACK}
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
