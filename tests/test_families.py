@@ -30,10 +30,13 @@ from accel_tp.families import (
     HOW_FAMILY,
     HOW_HEURISTIC,
     HOW_USER,
+    PLAIN_HEAD_TYPES,
     hf_config,
+    plain_head,
     resolve_partition,
     tensor_parallel_block,
     to_regex,
+    vocabulary_split,
 )
 from accel_tp.run_folder import EXPORT_DIR, METRICS_FILE
 
@@ -462,9 +465,67 @@ def test_user_plan_clash_refused():
 
 
 def test_named_architecture_block_is_deepspeeds_own():
-    assert tensor_parallel_block(ModelSection(architecture="tiny", tokenizer="default"), 2) == {
-        "autotp_size": 2
-    }
+    section = ModelSection(architecture="tiny", tokenizer="default")
+    # Always said at tp > 1: DeepSpeed's own default (None) splits only some tied heads.
+    assert tensor_parallel_block(section, 2) == {"autotp_size": 2, "vocab_parallel_lm_head": False}
+    assert tensor_parallel_block(section, 2, vocab_parallel=True)["vocab_parallel_lm_head"] is True
+    assert tensor_parallel_block(section, 1) == {"autotp_size": 1}
+
+
+def test_vocabulary_split_rules(tmp_path):
+    """parallelism.vocab_parallel_loss at tp > 1 splits the head, unless turned off, unless LoRA
+    trains a copy of the head, unless the partition routes rowwise_split_input layers through
+    DeepSpeed's head-name list (OLMo-2's plan); each refusal says why."""
+    _config("olmo2").save_pretrained(tmp_path / "olmo2")
+    _config("llama").save_pretrained(tmp_path / "llama")
+
+    def cfg(model: str, **kw: object):
+        d: dict = {"model": {"name_or_path": str(tmp_path / model)}, "parallelism": {"tp_size": 2}}
+        for k, v in kw.items():
+            section, key = k.split("__")
+            d.setdefault(section, {})[key] = v
+        return config_from_dict(d)
+
+    assert vocabulary_split(cfg("llama")) == (True, "")
+    assert vocabulary_split(cfg("llama", parallelism__tp_size=1)) == (False, "tp 1")
+    assert vocabulary_split(cfg("llama", parallelism__vocab_parallel_loss=False))[1] == (
+        "parallelism.vocab_parallel_loss: false"
+    )
+    split, why = vocabulary_split(cfg("llama", lora__enabled=True, lora__modules_to_save=["lm_head"]))
+    assert not split and "lm_head" in why
+    split, why = vocabulary_split(cfg("olmo2"))
+    assert not split and "rowwise_split_input" in why and "o_proj" in why
+
+
+def _between_head_and_loss(cls: type) -> list[str]:
+    import inspect
+
+    src = inspect.getsource(cls.forward)
+    body = src[src.index("self.lm_head(") :]
+    body = body[: body.index("loss = self.loss_function(")]
+    return [ln.strip() for ln in body.splitlines()[1:] if ln.strip() and not ln.strip().startswith("#")]
+
+
+@pytest.mark.parametrize("model_type", sorted(PLAIN_HEAD_TYPES))
+def test_plain_head_types_apply_the_head_then_the_loss(model_type):
+    """The vocabulary-parallel loss replaces the forward's head-and-loss for PLAIN_HEAD_TYPES: their
+    forward (in the installed transformers) may do nothing to the logits in between."""
+    import importlib
+
+    mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    classes = [c for n, c in vars(mod).items() if n.endswith("ForCausalLM") and isinstance(c, type)]
+    assert classes
+    for cls in classes:
+        assert _between_head_and_loss(cls) == ["loss = None", "if labels is not None:"], cls
+
+
+def test_logit_transforming_families_are_not_plain():
+    from transformers import Gemma2ForCausalLM, GraniteForCausalLM
+
+    for cls in (Gemma2ForCausalLM, GraniteForCausalLM):
+        assert len(_between_head_and_loss(cls)) > 2  # soft-capping, scaling: DeepSpeed's loss
+    assert not plain_head(_config("gemma2")) and not plain_head(_config("granite"))
+    assert plain_head(_config("mixtral")) and not plain_head(_config("mixtral", output_router_logits=True))
 
 
 def test_preflight_refuses_a_user_plan_naming_no_module(tmp_path, zoo):

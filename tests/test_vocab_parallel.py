@@ -153,3 +153,59 @@ def test_refusals():
     # Its gradients are scaled in place, so a second backward would be wrong: it is refused.
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
+
+
+def test_scaled_embeddings_taken_as_gemma3s_are_gemma3s():
+    """compat.deepspeed.SCALED_AS_GEMMA3 classes take Gemma-3's class (the one DeepSpeed splits by
+    vocabulary): their forward and constructor are Gemma-3's, line for line."""
+    import importlib
+    import inspect
+
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    from accel_tp.compat.deepspeed import SCALED_AS_GEMMA3
+
+    def body(fn: object) -> list[str]:
+        return [ln.strip() for ln in inspect.getsource(fn).splitlines()[1:]]
+
+    for module, name in SCALED_AS_GEMMA3:
+        cls = getattr(importlib.import_module(module), name)
+        assert body(cls.forward) == body(Gemma3TextScaledWordEmbedding.forward), name
+        assert body(cls.__init__) == body(Gemma3TextScaledWordEmbedding.__init__), name
+
+
+def test_a_tied_embedding_deepspeed_cannot_split_is_a_config_error():
+    """A tied embedding with its own forward: DeepSpeed 0.19.8 cannot split it by vocabulary
+    (VocabParallelEmbedding.validate_embedding); the run refuses before AutoTP, naming the setting."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from accel_tp.config import ConfigError, config_from_dict
+    from accel_tp.parallelize import prepare_vocabulary_split
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+        )
+    )  # fmt: skip
+
+    class Custom(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) * 2
+
+    model.get_input_embeddings().__class__ = Custom
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    cfg = config_from_dict(
+        {"model": {"architecture": "tiny", "tokenizer": "default"}, "parallelism": {"tp_size": 2}}
+    )
+    with pytest.raises(
+        ConfigError, match="parallelism.vocab_parallel_loss: the 'llama' model's embedding is tied"
+    ):
+        prepare_vocabulary_split(model, cfg)
+    off = config_from_dict(
+        {
+            "model": {"architecture": "tiny", "tokenizer": "default"},
+            "parallelism": {"tp_size": 2, "vocab_parallel_loss": False},
+        }
+    )
+    prepare_vocabulary_split(model, off)  # the head gathered: nothing to split

@@ -500,8 +500,12 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     base_cfg = load_config(args.config, args.overrides)
     base = list(args.overrides)
     tp = base_cfg.parallelism.tp_size
-    if args.nproc % tp:
-        raise SystemExit(f"--nproc {args.nproc} is not a multiple of parallelism.tp_size {tp}.")
+    tps = [int(t) for t in args.tp.split(",")] if args.tp else [tp]
+    for t in tps:
+        if t < 1 or args.nproc % t:
+            raise SystemExit(
+                f"--nproc {args.nproc} is not a multiple of the TP size {t} (--tp / parallelism.tp_size)."
+            )
     base += [f"parallelism.dp_size={args.nproc // tp}"]
     base += measurement_overrides(workdir / "runs", args.warmup + args.steps + 1)
     if args.corpus == "wikitext-like":
@@ -552,7 +556,14 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
                 arms.append(_spec("reference", "reference", args, ref_sets, shape, seq))
             for name, extra in variants:
                 extra, env = _split_env(extra)
-                arms.append(_spec(name, "accel", args, sets + extra, shape, seq, env))
+                for t in tps:  # --tp: one arm per TP size, the rest of the --nproc ranks DP
+                    layout = (
+                        [f"parallelism.tp_size={t}", f"parallelism.dp_size={args.nproc // t}"]
+                        if args.tp
+                        else []
+                    )
+                    label = f"{name}-tp{t}" if args.tp else name
+                    arms.append(_spec(label, "accel", args, sets + layout + extra, shape, seq, env))
     # Fail here, not in a worker, on a bad override.
     train = [(a["name"], load_config(args.config, a["overrides"]).train) for a in arms]
     ref = [t for name, t in train if name == "reference"]
@@ -758,6 +769,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus", choices=["config", "wikitext-like"], default="config")
     p.add_argument("--docs", type=int, default=20000, help="documents in the wikitext-like mix")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per arm")
+    p.add_argument(
+        "--tp",
+        default=None,
+        help="comma list of TP sizes: each accel arm once per size, DP = --nproc / TP (e.g. 1,2,4)",
+    )
     p.add_argument(
         "--shared-gpu",
         action="store_true",
