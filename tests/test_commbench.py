@@ -17,12 +17,13 @@ from .mp_utils import ROOT, TINY, torchrun
 pytestmark = pytest.mark.slow
 
 
-def test_formula_counts_what_autotp_sends(tmp_path):
+@pytest.mark.parametrize("vocab_parallel", [True, False])
+def test_formula_counts_what_autotp_sends(tmp_path, vocab_parallel):
     out = tmp_path / "count.json"
     overrides = [
         "data.padding=max_length", "data.seq_length=64", "train.micro_batch_size=2",
         "deepspeed.precision=fp32", f"run.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
-        "data.eval_fraction=0", "train.log_with=[]",
+        "data.eval_fraction=0", "train.log_with=[]", f"parallelism.vocab_parallel_loss={str(vocab_parallel).lower()}",
     ]  # fmt: skip
     proc = torchrun(
         4, ROOT / "tests" / "workers" / "count_tp_collectives.py", [str(TINY), str(out), *overrides]
@@ -31,15 +32,24 @@ def test_formula_counts_what_autotp_sends(tmp_path):
     report = json.loads(out.read_text())
     seen = collections.Counter((op, size) for op, size in report["seen"])
     want = report["predicted"]
-    act = want["all_reduce_bytes"] // want["all_reduce_calls"]  # tokens x hidden x 4 bytes
-    assert act == report["tokens"] * 128 * 4
-    assert seen[("all_reduce", act)] == want["all_reduce_calls"]  # 7 per layer + lm_head's input grad
-    assert seen[("all_gather", want["all_gather_bytes"])] == want["all_gather_calls"] == 1  # the logits
-    others = {
-        k: n
-        for k, n in seen.items()
-        if k not in {("all_reduce", act), ("all_gather", want["all_gather_bytes"])}
-    }
+    tokens = report["tokens"]
+    act = tokens * 128 * 4  # tokens x hidden x 4 bytes (fp32)
+    known = {("all_reduce", act): want["all_reduce_calls"]}
+    if vocab_parallel:
+        # 7 per layer and the loss's input gradient (the tiny model is untied: no embedding's); no logits.
+        assert want["all_reduce_calls"] == 7 * 4 + 1 and want["all_gather_calls"] == 0
+        assert want["all_reduce_bytes"] == want["all_reduce_calls"] * act
+        # One chunk: its max (4 bytes a token), then sum-exp and target logit together (8).
+        known.update({("all_reduce", 4 * tokens): 1, ("all_reduce", 8 * tokens): 1})
+        assert want["loss_all_reduce_calls"] == 2 and want["loss_all_reduce_bytes"] == 12 * tokens
+    else:
+        assert want["all_reduce_calls"] == 7 * 4 + 1  # 7 per layer + lm_head's input grad
+        assert want["all_reduce_bytes"] == want["all_reduce_calls"] * act
+        assert want["all_gather_calls"] == 1  # the logits
+        known[("all_gather", want["all_gather_bytes"])] = 1
+    for key, n in known.items():
+        assert seen[key] == n, (key, seen[key], n)
+    others = {k: n for k, n in seen.items() if k not in known}
     assert all(size <= 16 for _, size in others), f"unexpected TP collectives: {others}"
 
 
@@ -59,6 +69,7 @@ def test_comm_bench_cli_on_cpu(tmp_path):
     cmd = [
         sys.executable, str(ROOT / "scripts" / "comm_bench.py"), "--config", str(TINY), "--nproc", "2",
         "--set", "parallelism.dp_size=1", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+        "--set", "parallelism.vocab_parallel_loss=false",
         "--sizes-mb", "0.25,1", "--iters", "3", "--json", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -7,7 +7,9 @@
   output in the forward pass;
 - column-parallel `LinearLayer` (q, k, v, gate, up; and lm_head): an all-reduce of the
   (tokens x hidden) input gradient in the backward pass (`ColumnParallel`);
-- lm_head with `gather_output`: an all-gather of the (tokens x vocab) logits in the forward pass.
+- lm_head with `gather_output` (parallelism.vocab_parallel_loss: false): an all-gather of the
+  (tokens x vocab) logits in the forward pass; with the vocabulary-parallel loss instead its fp32
+  input gradient once and two small statistics per chunk of tokens, and a tied embedding's output.
 
 `measure` times all-reduce and all-gather inside the TP groups at several sizes and reports
 nccl-tests' bus bandwidth (all-reduce: size/time x 2(n-1)/n; all-gather: size/time x (n-1)/n), so
@@ -30,7 +32,9 @@ from typing import Any
 from ..cli import add_set_argument
 from ..config import load_config
 from ..env import free_port
+from ..families import vocabulary_split
 from ..model import load_tokenizer, model_config
+from ..vocab_parallel import DEFAULT_CHUNK_TOKENS
 
 __all__ = ["TPTraffic", "tp_traffic", "measure", "main"]
 
@@ -39,12 +43,16 @@ _RESULT = "COMM_RESULT "
 
 @dataclass(frozen=True)
 class TPTraffic:
-    """TP collectives of one micro-batch on one rank (sizes are the full, unsharded tensors)."""
+    """TP collectives of one micro-batch on one rank (sizes are the full, unsharded tensors).
+    `all_reduce_*`: activation-sized all-reduces; `loss_*`: the vocabulary-parallel loss's small
+    per-chunk statistics (max, sum-exp and target logit: 12 bytes a token, fp32)."""
 
     all_reduce_calls: int
     all_reduce_bytes: int
     all_gather_calls: int
     all_gather_bytes: int
+    loss_all_reduce_calls: int = 0
+    loss_all_reduce_bytes: int = 0
 
 
 def tp_traffic(
@@ -56,10 +64,30 @@ def tp_traffic(
     lm_head_sharded: bool = True,
     column_linears_per_layer: int = 5,
     row_linears_per_layer: int = 2,
+    vocab_parallel: bool = False,
+    tied: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> TPTraffic:
-    """Collectives of one forward + backward through an AutoTP-sharded decoder (tp > 1)."""
+    """Collectives of one forward + backward through an AutoTP-sharded decoder (tp > 1).
+
+    A gathered head (`vocab_parallel` false): its logits all-gathered, its input gradient
+    all-reduced. A vocabulary-parallel head (parallelism.vocab_parallel_loss): no all-gather; the
+    loss all-reduces its fp32 input gradient once and two statistics per chunk of tokens, and a tied,
+    vocab-split embedding all-reduces its output in the forward (accel_tp/vocab_parallel.py)."""
     act = tokens * hidden * dtype_bytes
-    reduces = (row_linears_per_layer + column_linears_per_layer) * layers + (1 if lm_head_sharded else 0)
+    layer_reduces = (row_linears_per_layer + column_linears_per_layer) * layers
+    if vocab_parallel:
+        chunks = -(-tokens // chunk_tokens)
+        embed = 1 if tied else 0
+        return TPTraffic(
+            all_reduce_calls=layer_reduces + embed + 1,
+            all_reduce_bytes=(layer_reduces + embed) * act + tokens * hidden * 4,
+            all_gather_calls=0,
+            all_gather_bytes=0,
+            loss_all_reduce_calls=2 * chunks,
+            loss_all_reduce_bytes=12 * tokens,
+        )
+    reduces = layer_reduces + (1 if lm_head_sharded else 0)
     gathers = 1 if lm_head_sharded else 0
     return TPTraffic(
         all_reduce_calls=reduces,
@@ -150,6 +178,11 @@ def predict_ms(traffic: TPTraffic, rows: list[dict[str, float]], tp_size: int) -
     if traffic.all_gather_calls:
         size = traffic.all_gather_bytes / traffic.all_gather_calls
         ms += 1e3 * traffic.all_gather_bytes * (n - 1) / n / (_bus_bw(rows, "all_gather", size) * 1e9)
+    if traffic.loss_all_reduce_calls:  # small: latency-bound, priced at the smallest size measured
+        size = traffic.loss_all_reduce_bytes / traffic.loss_all_reduce_calls
+        ms += (
+            1e3 * traffic.loss_all_reduce_bytes * 2 * (n - 1) / n / (_bus_bw(rows, "all_reduce", size) * 1e9)
+        )
     return ms
 
 
@@ -175,7 +208,15 @@ def worker_main(args: dict[str, Any]) -> None:
     mconf = model_config(cfg.model, len(tok))
     tokens = cfg.train.micro_batch_size * cfg.data.seq_length
     dtype_bytes = 2 if cuda else 4
-    traffic = tp_traffic(tokens, mconf.hidden_size, mconf.vocab_size, mconf.num_hidden_layers, dtype_bytes)
+    traffic = tp_traffic(
+        tokens,
+        mconf.hidden_size,
+        mconf.vocab_size,
+        mconf.num_hidden_layers,
+        dtype_bytes,
+        vocab_parallel=vocabulary_split(cfg)[0],
+        tied=bool(getattr(mconf, "tie_word_embeddings", False)),
+    )
     report = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (gloo)",
         "world": dist.get_world_size(),
@@ -225,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"TP traffic per micro-batch ({report['micro_batch_tokens']} tokens, tp {report['tp_size']}): "
         f"{t['all_reduce_calls']} all-reduces, {t['all_reduce_bytes'] / 2**30:.2f} GiB; "
-        f"{t['all_gather_calls']} all-gather (logits), {t['all_gather_bytes'] / 2**30:.2f} GiB; predicted "
+        f"{t['all_gather_calls']} all-gather (logits), {t['all_gather_bytes'] / 2**30:.2f} GiB; "
+        f"{t['loss_all_reduce_calls']} loss statistics all-reduces; predicted "
         f"{report['predicted_tp_ms_per_micro_batch']:.1f} ms per micro-batch"
     )
     print("JSON " + json.dumps(report))

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from accel_tp.config import load_config
+from accel_tp.families import vocabulary_split
 from accel_tp.tools.commbench import tp_traffic
 from accel_tp.trainer import setup
 
@@ -22,8 +23,10 @@ def main() -> None:
     def on_tp(group) -> bool:
         return group is not None and dist.get_process_group_ranks(group) == tp_ranks
 
-    # AutoTP's layers call deepspeed.comm (deepspeed/module_inject/layers.py); count there.
-    real_all_reduce, real_all_gather = ds_comm.all_reduce, ds_comm.all_gather_into_tensor
+    # AutoTP's layers call deepspeed.comm (deepspeed/module_inject/layers.py). Its all_reduce calls
+    # torch.distributed's, as the vocabulary-parallel loss does: counted there. Its all-gather holds
+    # torch's function from its start (comm/torch.py all_gather_function): counted in deepspeed.comm.
+    real_all_reduce, real_all_gather = dist.all_reduce, ds_comm.all_gather_into_tensor
 
     def all_reduce(tensor, *a, group=None, **k):
         if on_tp(group):
@@ -37,14 +40,20 @@ def main() -> None:
 
     mb = next(rt.loader.stream())[1]
     batch = mb.inputs
-    ds_comm.all_reduce, ds_comm.all_gather_into_tensor = all_reduce, all_gather_into_tensor
+    dist.all_reduce, ds_comm.all_gather_into_tensor = all_reduce, all_gather_into_tensor
     out_ = rt.model(**batch, use_cache=False)
     rt.model.backward(out_.loss)
-    ds_comm.all_reduce, ds_comm.all_gather_into_tensor = real_all_reduce, real_all_gather
+    dist.all_reduce, ds_comm.all_gather_into_tensor = real_all_reduce, real_all_gather
     conf = rt.model.module.config
     element = torch.finfo(torch.float32).bits // 8  # fp32 on CPU
     want = tp_traffic(
-        mb["input_ids"].numel(), conf.hidden_size, conf.vocab_size, conf.num_hidden_layers, element
+        mb["input_ids"].numel(),
+        conf.hidden_size,
+        conf.vocab_size,
+        conf.num_hidden_layers,
+        element,
+        vocab_parallel=vocabulary_split(rt.cfg)[0],
+        tied=conf.tie_word_embeddings,
     )
     if dist.get_rank() == 0:
         report = {"seen": seen, "predicted": want.__dict__, "tokens": mb["input_ids"].numel()}
