@@ -9,16 +9,16 @@ case "${1:-all}" in
     # tp 2 with the vocabulary-parallel loss. compile on in all (Liger's layer kernels yield to it).
     $B --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 16384 --nproc 1 \
        --variant 'noliger:model.liger_kernel=false' --json $OUT/big_tp1.json 2>&1 | tail -12
-    $B --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 16384 --nproc 2 --shared-gpu --no-accel \
-       --variant 'tp2:parallelism.tp_size=2 model.liger_kernel=false' --json $OUT/big_tp2.json 2>&1 | tail -12
+    $B --shapes qwen2.5-1.5b --seq 4096 --micro-batch-tokens 16384 --nproc 2 --tp 2 --shared-gpu --no-accel \
+       --variant 'vocab:model.liger_kernel=false' --json $OUT/big_tp2.json 2>&1 | tail -12
     ;;
   small)
     # 0.5B, seq 2048, tp 2 on one GPU: micro-batches with the logits gathered and with the vocabulary-parallel loss.
-    $B --shapes qwen2.5-0.5b --seq 2048 --nproc 2 --shared-gpu --no-accel \
-       --variant 'gathered-mb8:parallelism.tp_size=2 model.liger_kernel=false parallelism.vocab_parallel_loss=false train.micro_batch_size=8' \
-       --variant 'gathered-mb16:parallelism.tp_size=2 model.liger_kernel=false parallelism.vocab_parallel_loss=false train.micro_batch_size=16' \
-       --variant 'vocab-mb16:parallelism.tp_size=2 model.liger_kernel=false train.micro_batch_size=16' \
-       --variant 'vocab-mb32:parallelism.tp_size=2 model.liger_kernel=false train.micro_batch_size=32' \
+    $B --shapes qwen2.5-0.5b --seq 2048 --nproc 2 --tp 2 --shared-gpu --no-accel \
+       --variant 'gathered-mb8:model.liger_kernel=false parallelism.vocab_parallel_loss=false train.micro_batch_size=8' \
+       --variant 'gathered-mb16:model.liger_kernel=false parallelism.vocab_parallel_loss=false train.micro_batch_size=16' \
+       --variant 'vocab-mb16:model.liger_kernel=false train.micro_batch_size=16' \
+       --variant 'vocab-mb32:model.liger_kernel=false train.micro_batch_size=32' \
        --json $OUT/small_tp2.json 2>&1 | tail -14
     ;;
 esac
