@@ -144,7 +144,11 @@ def _time_steps(
     _sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    import resource
+
     return {
+        # The process's peak resident memory (host; on CPU where the tensors live), its whole life.
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "seconds": seconds,
         "real": real,
         "positions": positions,
@@ -355,6 +359,7 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
     peak = timing["peak_gib"]
     if peak is not None:
         peak = _global([peak], device, 1)[0] / topo.world_size
+    peak_rss = _global([timing["peak_rss_gib"]], device, 1)[0] / topo.world_size  # mean per process
     tok_s = real / seconds
     row = {
         "name": spec["name"],
@@ -381,6 +386,7 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         "tflops_per_gpu": tok_s * fpt / topo.world_size / 1e12,
         "mfu": mfu(tok_s, fpt, info["peak_flops"], topo.world_size) if info["peak_flops"] else None,
         "peak_gib": peak,
+        "peak_rss_gib": peak_rss,
         "final_loss": timing["loss"],
         "losses": timing["losses"],
         "attention": "per document" if cfg.data.packing == "document" else "whole row",
