@@ -53,6 +53,11 @@ class StagedGloo(dist.ProcessGroup):
         super().__init__(rank, size)
         self._size = size
         self._gloo = dist.ProcessGroupGloo(store, rank, size, timeout)
+        # c10d looks a group's backend up by device (init_process_group(device_id=cuda:0), as
+        # DeepSpeed calls it on GPUs; compiled functional collectives): gloo's, which takes CUDA
+        # tensors for all_reduce and broadcast. Calls from Python come to the methods below.
+        for device in ("cpu", "cuda"):
+            self._register_backend(torch.device(device), dist.ProcessGroup.BackendType.GLOO, self._gloo)
 
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
         return NAME

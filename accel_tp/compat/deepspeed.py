@@ -6,11 +6,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 __all__ = [
     "keep_clipping_grad_norm",
     "universal_load",
     "universal_info_without_frozen",
     "vocab_splittable_embedding",
+    "steps_beside_params",
 ]
 
 
@@ -56,6 +59,26 @@ def universal_load(engines: list[Any]) -> Iterator[None]:
     finally:
         for c, b in zip(configs, before):
             c.load_universal_checkpoint = b
+    for engine in engines:
+        steps_beside_params(engine.optimizer)
+
+
+def steps_beside_params(optimizer: Any) -> int:
+    """After a universal load: DeepSpeed 0.19.8 restores each parameter's Adam `step` as a CPU
+    tensor (runtime/zero/stage_1_and_2.py / stage3.py, universal loads), which torch's fused and
+    capturable AdamW refuse ("state_steps is on cpu"; measured on an H100, tp2 -> tp1). Moves them
+    to their parameter's device for those optimizers; returns how many moved."""
+    base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+    moved = 0
+    for group in getattr(base, "param_groups", []):
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            step = base.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor) and step.device != p.device:
+                base.state[p]["step"] = step.to(p.device)
+                moved += 1
+    return moved
 
 
 def universal_info_without_frozen(module: Any) -> int:

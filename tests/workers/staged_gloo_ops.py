@@ -49,7 +49,13 @@ def _ops(group, device: str, world: int, rank: int) -> dict[str, torch.Tensor]:
     dist.all_to_all_single(a2a, rand(world * 2), group=group)
     out["all_to_all_single"] = a2a
     lists = [torch.empty(2, device=device) for _ in range(world)]
-    dist.all_to_all(lists, [rand(2) for _ in range(world)], group=group)
+    inputs = [rand(2) for _ in range(world)]
+    if group is None:
+        dist.all_to_all(lists, inputs, group=group)
+    else:  # plain gloo: older torch has no list all-to-all for it
+        flat = torch.empty(2 * world, device=device)
+        dist.all_to_all_single(flat, torch.cat(inputs), group=group)
+        lists = list(flat.chunk(world))
     out["all_to_all"] = torch.stack(lists)
     rs = torch.empty(2, 2, device=device)
     dist.reduce_scatter(rs, [rand(2, 2) for _ in range(world)], group=group)
