@@ -384,11 +384,12 @@ def tensor_parallel_block(
 _VOCAB_MODULES = frozenset({*_LM_HEADS, "embed_tokens", "wte", "embed_in"})
 
 
-def vocabulary_split(cfg: Config) -> tuple[bool, str]:
+def vocabulary_split(cfg: Config, tp_size: int | None = None) -> tuple[bool, str]:
     """Whether AutoTP splits the output head by vocabulary (parallelism.vocab_parallel_loss at
-    tp > 1), and if not, why: the setting, or LoRA training a copy of the head or embedding, or a
-    partition that routes other layers through DeepSpeed's head-name list."""
-    tp = cfg.parallelism.tp_size
+    tp > 1; `tp_size` default parallelism.tp_size), and if not, why: the setting, or LoRA training a
+    copy of the head or embedding, or a partition that routes other layers through DeepSpeed's
+    head-name list."""
+    tp = cfg.parallelism.tp_size if tp_size is None else tp_size
     if tp <= 1:
         return False, "tp 1"
     if not cfg.parallelism.vocab_parallel_loss:

@@ -147,7 +147,7 @@ def build_deepspeed_config(
             cfg.model,
             topo.tp_size,
             cfg.lora.targets(),
-            vocab_parallel=vocabulary_split(cfg)[0],
+            vocab_parallel=vocabulary_split(cfg, topo.tp_size)[0],
         ),
         # Our optimizer is torch AdamW; ZeRO accepts it with this flag.
         "zero_allow_untested_optimizer": True,

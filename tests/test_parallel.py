@@ -203,7 +203,11 @@ def test_batch_bookkeeping(world: int, tp: int) -> None:
     assert ds["gradient_accumulation_steps"] == 5
     # The real global batch counts each TP group once.
     assert global_batch_size(cfg, topo) == 3 * 5 * (world // tp)
-    assert ds["tensor_parallel"] == {"autotp_size": tp}
+    # At tp > 1 the head is split by vocabulary (parallelism.vocab_parallel_loss, the default).
+    assert ds["tensor_parallel"] == {
+        "autotp_size": tp,
+        **({"vocab_parallel_lm_head": True} if tp > 1 else {}),
+    }
     json.dumps(ds)  # plain JSON-able dict (DeepSpeed / Accelerate may serialise it)
 
 
@@ -272,7 +276,7 @@ def test_overrides_merge_into_nested_dicts() -> None:
     assert zero["stage"] == 2 and zero["contiguous_gradients"] is True  # kept
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False, "immediate_grad_update": True}
     assert ds["activation_checkpointing"] == {"partition_activations": True}
-    assert ds["tensor_parallel"] == {"autotp_size": 2}
+    assert ds["tensor_parallel"] == {"autotp_size": 2, "vocab_parallel_lm_head": True}
     # The config's own overrides dict is not mutated by the merge.
     assert cfg.deepspeed.overrides["zero_optimization"] == {
         "sub_group_size": 1000,
@@ -304,7 +308,11 @@ def test_partition_config_for_a_family_deepspeed_refuses(tmp_path) -> None:
     tp = ds["tensor_parallel"]
     assert tp["autotp_size"] == 2 and tp["partition_config"]["use_default_specs"] is False
     assert "o_proj" in tp["partition_config"]["lm_head_patterns"]
+    assert tp["vocab_parallel_lm_head"] is False  # DeepSpeed would take o_proj for a head too
     json.dumps(ds)
     assert build_deepspeed_config(olmo, Topology(4, 1), "fp32")["tensor_parallel"] == {"autotp_size": 1}
     llama = make_cfg(model={"name_or_path": str(tmp_path / "llama"), "architecture": None, "tokenizer": None})
-    assert build_deepspeed_config(llama, Topology(4, 2), "fp32")["tensor_parallel"] == {"autotp_size": 2}
+    assert build_deepspeed_config(llama, Topology(4, 2), "fp32")["tensor_parallel"] == {
+        "autotp_size": 2,
+        "vocab_parallel_lm_head": True,
+    }

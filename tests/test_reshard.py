@@ -282,3 +282,24 @@ def test_universal_cache_is_beside_and_not_a_step(tmp_path):
     assert cache == tmp_path / (step_name(8) + UNIVERSAL_SUFFIX)
     cache.mkdir()
     assert [p for _, p in steps_under(tmp_path)] == [tmp_path / step_name(8)]
+
+
+def test_universal_load_puts_fused_adam_steps_beside_their_parameters():
+    """DeepSpeed's universal load restores Adam's `step` as a CPU tensor; fused (and capturable)
+    AdamW refuse that on a GPU ('state_steps is on cpu', seen on an H100 resuming tp2 -> tp1). The
+    fix moves them to the parameter's device for those optimizers only (here meta stands in for the
+    GPU)."""
+    from accel_tp.compat.deepspeed import steps_beside_params
+
+    fused = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    p, q = (torch.nn.Parameter(torch.zeros(2, device="meta")) for _ in range(2))  # on "the GPU"
+    for opt, param in ((fused, p), (plain, q)):
+        opt.param_groups[0]["params"] = [param]
+        opt.state[param]["step"] = torch.zeros(())  # where DeepSpeed leaves it: the CPU
+
+    class Wrapper:  # as ZeRO wraps the torch optimizer
+        optimizer = fused
+
+    assert steps_beside_params(Wrapper()) == 1 and fused.state[p]["step"].device == p.device
+    assert steps_beside_params(plain) == 0 and plain.state[q]["step"].device.type == "cpu"
