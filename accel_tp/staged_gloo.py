@@ -46,6 +46,15 @@ def _back(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
+def _host_like(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.empty(t.shape, dtype=t.dtype) for t in ts]
+
+
+def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    for d, s in zip(dsts, srcs):
+        d.copy_(s)
+
+
 class StagedGloo(dist.ProcessGroup):
     """gloo on host copies of the tensors (see the module docstring)."""
 
@@ -120,12 +129,10 @@ class StagedGloo(dist.ProcessGroup):
     def allgather(
         self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
     ) -> Any:
-        host_in = [_host(t) for t in inputs]
-        host_out = [[torch.empty(o.shape, dtype=o.dtype) for o in outs] for outs in outputs]
-        self._gloo.allgather(host_out, host_in).wait()
+        host_out = [_host_like(outs) for outs in outputs]
+        self._gloo.allgather(host_out, [_host(t) for t in inputs]).wait()
         for outs, hs in zip(outputs, host_out):
-            for o, h in zip(outs, hs):
-                o.copy_(h)
+            _copy_all(outs, hs)
         return _done()
 
     def allgather_coalesced(
@@ -184,7 +191,7 @@ class StagedGloo(dist.ProcessGroup):
 
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Any:
         # One send and one receive per peer (gloo's all-to-all takes one flat tensor).
-        host_out = [torch.empty(o.shape, dtype=o.dtype) for o in outputs]
+        host_out = _host_like(outputs)
         host_in = [_host(i) for i in inputs]
         me = self.rank()
         works = []
@@ -196,8 +203,7 @@ class StagedGloo(dist.ProcessGroup):
             works.append(self._gloo.recv([host_out[peer]], peer, 0))
         for w in works:
             w.wait()
-        for o, h in zip(outputs, host_out):
-            o.copy_(h)
+        _copy_all(outputs, host_out)
         return _done()
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:
@@ -208,26 +214,23 @@ class StagedGloo(dist.ProcessGroup):
         raise NotImplementedError(f"{NAME}: receiving from any source is not staged")
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> Any:
-        host = [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
+        host = _host_like(tensors)
         self._gloo.recv(host, src, tag).wait()
-        for t, h in zip(tensors, host):
-            t.copy_(h)
+        _copy_all(tensors, host)
         return _done()
 
     def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:
-        host_out = [[torch.empty(o.shape, dtype=o.dtype) for o in outs] for outs in outputs]
+        host_out = [_host_like(outs) for outs in outputs]
         self._gloo.gather(host_out, [_host(t) for t in inputs], opts or dist.GatherOptions()).wait()
         for outs, hs in zip(outputs, host_out):
-            for o, h in zip(outs, hs):
-                o.copy_(h)
+            _copy_all(outs, hs)
         return _done()
 
     def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> Any:
-        host_out = [torch.empty(o.shape, dtype=o.dtype) for o in outputs]
+        host_out = _host_like(outputs)
         host_in = [[_host(t) for t in ins] for ins in inputs]
         self._gloo.scatter(host_out, host_in, opts or dist.ScatterOptions()).wait()
-        for o, h in zip(outputs, host_out):
-            o.copy_(h)
+        _copy_all(outputs, host_out)
         return _done()
 
 
