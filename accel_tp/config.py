@@ -259,9 +259,13 @@ class DataSection:
 @dataclass
 class ParallelismSection:
     tp_size: int = 1
-    # None: world_size // tp_size (accelerate launch decides the world); Ray needs it to size the
-    # worker group, so a Ray run requires it.
+    # None: world_size // (tp_size x sp_size) (accelerate launch decides the world); Ray needs it to
+    # size the worker group, so a Ray run requires it.
     dp_size: int | None = None
+    # Ulysses sequence parallelism (accel_tp/sequence_parallel.py): the ranks of an SP group share one
+    # batch and each holds 1/sp_size of every row's tokens; attention exchanges heads for sequence
+    # by all-to-all, so every attention kernel sees whole rows of its heads. world = tp x sp x dp.
+    sp_size: int = 1
     # At tp_size > 1: the output head split by vocabulary and the loss computed on each rank's slice
     # (accel_tp/vocab_parallel.py), so no rank holds the whole vocabulary's logits. false: the head's
     # logits gathered on every rank (and a tied embedding whole), the model's own loss.
@@ -272,6 +276,13 @@ class ParallelismSection:
             raise ConfigError(f"parallelism.tp_size: must be >= 1, got {self.tp_size}.")
         if self.dp_size is not None and self.dp_size < 1:
             raise ConfigError(f"parallelism.dp_size: must be >= 1, got {self.dp_size}.")
+        if self.sp_size < 1:
+            raise ConfigError(f"parallelism.sp_size: must be >= 1, got {self.sp_size}.")
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks that share one batch: a TP group per SP rank (tp_size x sp_size)."""
+        return self.tp_size * self.sp_size
 
 
 @dataclass
@@ -573,16 +584,16 @@ class Config:
             raise ConfigError(
                 "ray.min_workers: needs parallelism.dp_size (the full group is tp_size x dp_size)."
             )
-        full = par.tp_size * par.dp_size
+        full = par.replica_size * par.dp_size
         per_dp = tr.grad_accum_steps * par.dp_size  # micro-batches per global batch
-        valid = elastic_worker_counts(par.tp_size, par.dp_size, tr.grad_accum_steps)
+        valid = elastic_worker_counts(par.replica_size, par.dp_size, tr.grad_accum_steps)
         if n not in valid:
             below = [c for c in valid if c < n][-1:]
             above = [c for c in valid if c > n][:1]
             raise ConfigError(
                 f"ray.min_workers: {n} workers cannot keep the global batch ({tr.micro_batch_size * per_dp} "
                 f"sequences = micro {tr.micro_batch_size} x accum {tr.grad_accum_steps} x dp {par.dp_size}) in TP "
-                f"groups of {par.tp_size} (at most {full} workers): the count must be tp_size x dp with dp dividing "
+                f"groups of {par.replica_size} (at most {full} workers): the count must be tp_size x dp with dp dividing "
                 f"{per_dp}. Nearest valid: {below + above}; all valid: {valid}."
             )
 

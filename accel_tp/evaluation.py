@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,13 +25,22 @@ class Validator:
     """Mean loss over every held-out token, each DP shard once (TP peers count once), and perplexity."""
 
     def __init__(
-        self, accelerator: Any, model: Any, batches: list[Any] | None, tp_size: int, every: int
+        self,
+        accelerator: Any,
+        model: Any,
+        batches: list[Any] | None,
+        tp_size: int,
+        every: int,
+        on_device: Callable[[Any], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.model = model
         self.batches = batches
         self.tp_size = tp_size
         self.every = every
+        # How a batch reaches the model (trainer.batch_on_device: on the device, a sequence-parallel
+        # rank's slice); default: the whole batch moved to the device.
+        self.on_device = on_device or (lambda mb: contextlib.nullcontext(mb.to(accelerator.device)))
 
     def should_run(self, step: int, last: bool) -> bool:
         return self.batches is not None and (last or bool(self.every and step % self.every == 0))
@@ -43,10 +54,13 @@ class Validator:
         total = count = 0.0
         with torch.no_grad():
             for mb in self.batches or []:
-                n = float(mb.label_tokens)
-                if n == 0:
+                if float(mb.label_tokens) == 0:  # the whole batch's count: every SP peer skips it alike
                     continue
-                total += float(model(**mb.to(acc.device).inputs, use_cache=False).loss) * n
+                with self.on_device(mb) as part:
+                    n = float(part.label_tokens)  # a sequence-parallel slice may hold none
+                    items = torch.tensor(max(n, 1.0), device=acc.device)
+                    out = model(**part.inputs, num_items_in_batch=items, use_cache=False)
+                total += float(out.loss) * max(n, 1.0)  # the sum of the token losses
                 count += n
         model.train()
         # Both sums count every TP peer: their ratio is unchanged, the token count is divided once.

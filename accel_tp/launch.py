@@ -17,7 +17,7 @@ from .errors import ConfigError, UserError, WorkerCrash
 from .export import ray_registered
 from .model import load_tokenizer, model_config
 from .modes import LocalMode, RayMode
-from .parallel import Topology, check_tp_heads
+from .parallel import Topology, check_sp_heads, check_tp_heads
 from .parallelize import check_device_support, checkpointed_layer_count
 from .placement import check_cluster_fits, workers_per_node
 from .run_folder import METRICS_FILE, run_folder
@@ -39,6 +39,9 @@ def preflight(cfg: Config, world_size: int | None = None, tokenizer: bool = Fals
     # The vocab only matters for random-init shapes and does not affect the head checks.
     mconf = model_config(cfg.model, vocab_size=1)
     check_tp_heads(par.tp_size, mconf.num_attention_heads, getattr(mconf, "num_key_value_heads", None))
+    check_sp_heads(
+        par.tp_size, par.sp_size, mconf.num_attention_heads, getattr(mconf, "num_key_value_heads", None)
+    )
     # The attention kernel and the TP partition are decided here, from the config and the model
     # built on the meta device: a model accel-tp cannot split fails in seconds with one message.
     from .families import check_against_model, resolve_partition
@@ -102,7 +105,7 @@ def init_ray(address: str | None, runtime_env: dict[str, Any], local_cpus: int |
 
 
 def run_ray(cfg: Config, address: str | None = None) -> Any:
-    """Run the job on Ray Train with tp_size x dp_size workers; returns Ray's Result."""
+    """Run the job on Ray Train with tp_size x sp_size x dp_size workers; returns Ray's Result."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -110,9 +113,9 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
     par = cfg.parallelism
     if par.dp_size is None:
         raise ConfigError(
-            "parallelism.dp_size: a Ray run needs it to size the worker group (tp_size x dp_size workers)."
+            "parallelism.dp_size: a Ray run needs it to size the worker group (tp_size x sp_size x dp_size workers)."
         )
-    world_size = par.tp_size * par.dp_size
+    world_size = par.replica_size * par.dp_size
     resume = cfg.checkpoint.resume_from
     if resume not in (None, "latest"):
         # Ray Train restores a run only from its own registered checkpoints (run.name under
@@ -305,7 +308,7 @@ def _elastic_policy(cfg: Config) -> contextlib.AbstractContextManager[None]:
     if not cfg.ray.min_workers:
         return contextlib.nullcontext()
     par, tr = cfg.parallelism, cfg.train
-    counts = elastic_worker_counts(par.tp_size, par.dp_size or 1, tr.grad_accum_steps)
+    counts = elastic_worker_counts(par.replica_size, par.dp_size or 1, tr.grad_accum_steps)
     return elastic_worker_count_override(tp_aligned_worker_count(par.tp_size, counts))
 
 
@@ -348,8 +351,8 @@ def run_local(cfg: Config) -> dict[str, Any]:
     try:
         preflight(cfg, world_size)
     except ConfigError as e:
-        if world_size == 1 and cfg.parallelism.tp_size * (cfg.parallelism.dp_size or 1) > 1:
-            n = cfg.parallelism.tp_size * (cfg.parallelism.dp_size or 1)
+        if world_size == 1 and cfg.parallelism.replica_size * (cfg.parallelism.dp_size or 1) > 1:
+            n = cfg.parallelism.replica_size * (cfg.parallelism.dp_size or 1)
             raise ConfigError(
                 f"{e} Launch with: accelerate launch --use_deepspeed --num_processes {n} ..."
             ) from e

@@ -87,19 +87,20 @@ def fit_to_world(cfg: Config, world_size: int) -> Config:
     """An elastic Ray run (ray.min_workers) restarted on fewer workers: same tp_size, dp lowered and
     gradient accumulation raised so that the global batch (micro x accum x dp) is unchanged."""
     par, tr = cfg.parallelism, cfg.train
-    if cfg.ray.min_workers is None or par.dp_size is None or world_size == par.tp_size * par.dp_size:
+    if cfg.ray.min_workers is None or par.dp_size is None or world_size == par.replica_size * par.dp_size:
         return cfg
-    valid = elastic_worker_counts(par.tp_size, par.dp_size, tr.grad_accum_steps)
+    valid = elastic_worker_counts(par.replica_size, par.dp_size, tr.grad_accum_steps)
     if world_size not in valid:
         raise ConfigError(
             f"ray.min_workers: Ray started {world_size} workers; this run keeps its global batch only on "
             f"{valid} workers."
         )
-    dp = world_size // par.tp_size
+    dp = world_size // par.replica_size
     accum = tr.grad_accum_steps * par.dp_size // dp
     if int(os.environ.get("RANK", "0")) == 0:
         print(
-            f"[accel-tp] elastic: {world_size} of {par.tp_size * par.dp_size} workers: tp{par.tp_size} x dp{dp}, "
+            f"[accel-tp] elastic: {world_size} of {par.replica_size * par.dp_size} workers: tp{par.tp_size}"
+            f"{f' x sp{par.sp_size}' if par.sp_size > 1 else ''} x dp{dp}, "
             f"grad_accum_steps {tr.grad_accum_steps} -> {accum} (global batch {tr.micro_batch_size * accum * dp} kept)",
             flush=True,
         )

@@ -1,8 +1,11 @@
 """Parallel layout: topology math, checks, and the DeepSpeed config / Accelerate plugin.
 
 Nothing here loads a model or data. The layout follows DeepSpeed's AutoTP mesh
-(`deepspeed.utils.groups._init_tp_mesh_device`, a (dp, tp) device mesh): TP groups are blocks of
-consecutive ranks, so rank = dp_rank * tp_size + tp_rank.
+(`deepspeed.utils.groups._init_tp_mesh_device`, a (dp', tp) device mesh): TP groups are blocks of
+consecutive ranks. Sequence parallelism (accel_tp/sequence_parallel.py) splits DeepSpeed's dp' axis
+into sp x dp: rank = (dp_rank * sp_size + sp_rank) * tp_size + tp_rank, so TP groups stay
+node-local, SP groups come next, and DeepSpeed's DP group (same tp_rank) holds the sp x dp ranks
+whose gradients it averages.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from .families import tensor_parallel_block, vocabulary_split
 __all__ = [
     "Topology",
     "check_tp_heads",
+    "check_sp_heads",
     "resolve_precision",
     "build_deepspeed_config",
     "make_deepspeed_plugin",
@@ -25,19 +29,28 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Topology:
-    """Where one rank sits in the tp x dp mesh."""
+    """Where one rank sits in the tp x sp x dp mesh."""
 
     world_size: int
     tp_size: int
     rank: int = 0
+    sp_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.tp_size < 1 or self.world_size < 1:
-            raise ConfigError(f"tp_size ({self.tp_size}) and world_size ({self.world_size}) must be >= 1.")
+        if self.tp_size < 1 or self.world_size < 1 or self.sp_size < 1:
+            raise ConfigError(
+                f"tp_size ({self.tp_size}), sp_size ({self.sp_size}) and world_size ({self.world_size}) must be >= 1."
+            )
         if self.world_size % self.tp_size:
             raise ConfigError(
                 f"parallelism.tp_size ({self.tp_size}) must divide the world size ({self.world_size}); "
                 f"use a tp_size among {[d for d in range(1, self.world_size + 1) if self.world_size % d == 0]}."
+            )
+        if self.world_size % (self.tp_size * self.sp_size):
+            per = self.world_size // self.tp_size
+            raise ConfigError(
+                f"parallelism.sp_size ({self.sp_size}) x tp_size ({self.tp_size}) must divide the world size "
+                f"({self.world_size}); use an sp_size among {[d for d in range(1, per + 1) if per % d == 0]}."
             )
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {self.rank} outside world of {self.world_size}.")
@@ -46,16 +59,29 @@ class Topology:
     def from_config(cls, cfg: Config, world_size: int, rank: int = 0) -> Topology:
         """The topology of `world_size` processes, checked against parallelism.dp_size if set."""
         par = cfg.parallelism
-        if par.dp_size is not None and par.tp_size * par.dp_size != world_size:
-            raise ConfigError(
-                f"parallelism: tp_size ({par.tp_size}) x dp_size ({par.dp_size}) = "
-                f"{par.tp_size * par.dp_size}, but the world has {world_size} processes; launch "
-                f"{par.tp_size * par.dp_size} processes or set parallelism.dp_size: {world_size // max(par.tp_size, 1)}."
+        unit = par.replica_size
+        if par.dp_size is not None and unit * par.dp_size != world_size:
+            shape = (
+                f"tp_size ({par.tp_size}) x sp_size ({par.sp_size})"
+                if par.sp_size > 1
+                else f"tp_size ({par.tp_size})"
             )
-        return cls(world_size=world_size, tp_size=par.tp_size, rank=rank)
+            raise ConfigError(
+                f"parallelism: {shape} x dp_size ({par.dp_size}) = {unit * par.dp_size}, but the world has "
+                f"{world_size} processes; launch {unit * par.dp_size} processes or set parallelism.dp_size: "
+                f"{world_size // unit}."
+            )
+        return cls(world_size=world_size, tp_size=par.tp_size, rank=rank, sp_size=par.sp_size)
 
     @property
     def dp_size(self) -> int:
+        """Data-parallel ranks: each holds its own share of the global batch."""
+        return self.world_size // (self.tp_size * self.sp_size)
+
+    @property
+    def replicas(self) -> int:
+        """DeepSpeed's DP size (ranks with one tp_rank: sp x dp), over which it partitions ZeRO state
+        and averages gradients; its checkpoint files follow it."""
         return self.world_size // self.tp_size
 
     @property
@@ -63,18 +89,39 @@ class Topology:
         return self.rank % self.tp_size
 
     @property
-    def dp_rank(self) -> int:
-        return self.rank // self.tp_size
+    def sp_rank(self) -> int:
+        return self.rank // self.tp_size % self.sp_size
 
-    def tp_group_ranks(self, dp_rank: int | None = None) -> list[int]:
-        """World ranks sharing a model replica (same data, sharded weights)."""
-        d = self.dp_rank if dp_rank is None else dp_rank
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.tp_size * self.sp_size)
+
+    @property
+    def layout(self) -> str:
+        """The layout DeepSpeed's checkpoint files follow (SP ranks are DeepSpeed DP ranks)."""
+        return f"tp{self.tp_size}xdp{self.replicas}"
+
+    def describe(self) -> str:
+        """'tp2 x sp2 x dp1' (sp left out at 1)."""
+        sp = f" x sp{self.sp_size}" if self.sp_size > 1 else ""
+        return f"tp{self.tp_size}{sp} x dp{self.dp_size}"
+
+    def tp_group_ranks(self, replica: int | None = None) -> list[int]:
+        """World ranks sharing a model replica (same tokens, sharded weights); `replica` indexes
+        DeepSpeed's dp' axis (dp_rank x sp_size + sp_rank), default this rank's."""
+        d = self.rank // self.tp_size if replica is None else replica
         return list(range(d * self.tp_size, (d + 1) * self.tp_size))
 
-    def dp_group_ranks(self, tp_rank: int | None = None) -> list[int]:
-        """World ranks holding the same weight shard (different data, gradient all-reduce)."""
+    def sp_group_ranks(self, dp_rank: int | None = None, tp_rank: int | None = None) -> list[int]:
+        """World ranks splitting one batch's sequences (same batch, same weights)."""
+        d = self.dp_rank if dp_rank is None else dp_rank
         t = self.tp_rank if tp_rank is None else tp_rank
-        return [t + d * self.tp_size for d in range(self.dp_size)]
+        return [(d * self.sp_size + s) * self.tp_size + t for s in range(self.sp_size)]
+
+    def dp_group_ranks(self, tp_rank: int | None = None) -> list[int]:
+        """World ranks holding the same weight shard (DeepSpeed's DP group: the gradient all-reduce)."""
+        t = self.tp_rank if tp_rank is None else tp_rank
+        return [t + d * self.tp_size for d in range(self.replicas)]
 
 
 def check_tp_heads(tp_size: int, num_attention_heads: int, num_key_value_heads: int | None) -> None:
@@ -96,6 +143,28 @@ def check_tp_heads(tp_size: int, num_attention_heads: int, num_key_value_heads: 
         )
 
 
+def check_sp_heads(
+    tp_size: int, sp_size: int, num_attention_heads: int, num_key_value_heads: int | None
+) -> None:
+    """Refuse an SP size Ulysses cannot split this TP rank's heads over: the all-to-all hands each SP
+    rank (query heads / tp) / sp query heads, and (kv heads / tp) / sp key-value heads, or one
+    replicated key-value head where there are fewer than sp (DeepSpeed's rule, ulysses_sp.py)."""
+    if sp_size <= 1:
+        return
+    q = num_attention_heads // tp_size
+    kv = (num_key_value_heads or num_attention_heads) // tp_size
+
+    def fits(s: int) -> bool:
+        return q % s == 0 and (kv % s == 0 or s % kv == 0)
+
+    if not fits(sp_size):
+        valid = [s for s in range(1, q + 1) if fits(s)]
+        raise ConfigError(
+            f"parallelism.sp_size: {sp_size} cannot split the {q} query and {kv} key-value heads each TP rank "
+            f"holds (tp_size {tp_size}): Ulysses gives every SP rank whole heads. Use sp_size in {valid}."
+        )
+
+
 def resolve_precision(requested: str, device_type: str, bf16_supported: bool = False) -> str:
     """bf16 where the GPU supports it, fp16 (with loss scaling) where it does not, fp32 on CPU."""
     if requested != "auto":
@@ -108,7 +177,7 @@ def resolve_precision(requested: str, device_type: str, bf16_supported: bool = F
 
 
 def global_batch_size(cfg: Config, topo: Topology) -> int:
-    """Sequences per optimizer step: TP peers share a batch, so only dp_size multiplies."""
+    """Sequences per optimizer step: TP and SP peers share a batch, so only dp_size multiplies."""
     return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * topo.dp_size
 
 

@@ -17,6 +17,7 @@ from .compat.deepspeed import vocab_splittable_embedding
 from .compat.liger import liger_api
 from .config import Config, ConfigError, ModelSection
 from .families import localize_attention, partition_for, plain_head, vocabulary_split
+from .sequence_parallel import SequenceParallel
 from .vocab_parallel import DEFAULT_CHUNK_TOKENS, vocab_parallel_head, vocab_parallel_loss_forward
 
 __all__ = [
@@ -113,11 +114,15 @@ def enable_activation_checkpointing(model: Any, setting: bool | int) -> str:
     return f"activation checkpointing ({n} of {len(layers)} layers)"
 
 
-def apply_after_sharding(module: Any, cfg: Config) -> list[str]:
-    """Fix-ups and levers on the sharded module (the engine's `.module`); returns the levers applied."""
+def apply_after_sharding(module: Any, cfg: Config, sp: SequenceParallel | None = None) -> list[str]:
+    """Fix-ups and levers on the sharded module (the engine's `.module`); returns the levers applied.
+    `sp`: this rank's SP group (sequence parallelism), whose exchange goes around every attention."""
     tp = cfg.parallelism.tp_size
     localize_attention(module, partition_for(cfg.model, tp), tp)  # before compile traces the forward
     applied = []
+    if sp is not None:
+        n = sp.install(module, module.config._attn_implementation)
+        applied.append(f"Ulysses sequence parallel ({sp.size} ranks, {n} attention layers)")
     loss = install_vocab_parallel_loss(module, cfg)
     if loss:
         applied.append(loss)
@@ -207,8 +212,12 @@ def _fused_loss_forward(model: Any, fused_loss: Any) -> Any:
             return full_forward(
                 input_ids=input_ids, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs
             )
+        shift_labels = kwargs.pop("shift_labels", None)  # already shifted (sequence parallelism)
         hidden = base(input_ids=input_ids, **kwargs).last_hidden_state
-        target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        if shift_labels is not None:
+            target = shift_labels
+        else:
+            target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
         loss = fused_loss(
             hidden.reshape(-1, hidden.shape[-1]),
             model.lm_head.weight,

@@ -55,7 +55,7 @@ def _ranks(ranks: Sequence[int]) -> str:
 
 def check_tp_node_local(topo: Topology, nodes: Sequence[str]) -> None:
     """Refuse a placement in which a TP group spans nodes, naming the fix."""
-    for d in range(topo.dp_size):
+    for d in range(topo.replicas):
         group = topo.tp_group_ranks(d)
         spans = sorted({nodes[r] for r in group})
         if len(spans) > 1:
@@ -70,14 +70,17 @@ def check_tp_node_local(topo: Topology, nodes: Sequence[str]) -> None:
 
 
 def describe_mesh(topo: Topology, nodes: Sequence[str]) -> str:
-    """Which node holds which (dp, tp) ranks, one line per node."""
+    """Which node holds which (dp, sp, tp) ranks, one line per node."""
     order = list(dict.fromkeys(nodes))
-    lines = [f"[accel-tp] mesh: tp{topo.tp_size} x dp{topo.dp_size} on {len(order)} node(s)"]
+    lines = [f"[accel-tp] mesh: {topo.describe()} on {len(order)} node(s)"]
+    per_dp = topo.tp_size * topo.sp_size
     for i, node in enumerate(order):
         ranks = [r for r, n in enumerate(nodes) if n == node]
-        dps = sorted({r // topo.tp_size for r in ranks})
+        dps = sorted({r // per_dp for r in ranks})
+        sps = sorted({r // topo.tp_size % topo.sp_size for r in ranks})
+        sp = f" x sp {_ranks(sps)}" if topo.sp_size > 1 else ""
         lines.append(
-            f"[accel-tp]   node {i} ({node}): ranks {_ranks(ranks)} = dp {_ranks(dps)} x tp 0-{topo.tp_size - 1}"
+            f"[accel-tp]   node {i} ({node}): ranks {_ranks(ranks)} = dp {_ranks(dps)}{sp} x tp 0-{topo.tp_size - 1}"
         )
     return "\n".join(lines)
 

@@ -45,6 +45,7 @@ from .modes import LocalMode, WorkerMode
 from .parallel import (
     Topology,
     build_deepspeed_config,
+    check_sp_heads,
     check_tp_heads,
     global_batch_size,
     make_deepspeed_plugin,
@@ -54,6 +55,7 @@ from .parallelize import apply_after_sharding, apply_before_sharding, check_devi
 from .placement import check_tp_node_local, describe_mesh, gather_nodes
 from .reporting import Reporter
 from .run_folder import RunFolder
+from .sequence_parallel import SequenceParallel
 
 __all__ = [
     "Runtime",
@@ -111,6 +113,29 @@ class Runtime:
     n_params: int = 0  # of the whole (unsharded) model
     n_trained: int = 0  # of them, those that train (a LoRA run: the adapters)
     peak_flops: float | None = None
+    sp: SequenceParallel | None = None  # sp_size > 1: this rank's SP group
+
+    def on_device(self, batch: Batch) -> contextlib.AbstractContextManager[Batch]:
+        """`batch` as this rank runs it, for a forward and its backward: on the device, and under
+        sequence parallelism this rank's slice of every row."""
+        return batch_on_device(batch, self.accelerator.device, self.sp)
+
+
+@contextlib.contextmanager
+def batch_on_device(batch: Batch, device: Any, sp: SequenceParallel | None) -> Iterator[Batch]:
+    if sp is None:
+        yield batch.to(device, non_blocking=True)
+        return
+    with sp.split(batch, device) as part:
+        yield part
+
+
+def build_sequence_parallel(topo: Topology) -> SequenceParallel | None:
+    """This rank's SP group (None at sp_size 1); every rank creates every group."""
+    if topo.sp_size == 1:
+        return None
+    groups = [topo.sp_group_ranks(d, t) for d in range(topo.dp_size) for t in range(topo.tp_size)]
+    return SequenceParallel.build(groups, topo.rank)
 
 
 def total_steps_for(cfg: Config, steps_per_epoch: int) -> int:
@@ -166,7 +191,9 @@ def build_tokenizer(cfg: Config, accelerator: Any, topo: Topology) -> tuple[Any,
     if not accelerator.is_local_main_process:
         tokenizer = load_tokenizer(cfg.model, cache_dir)
     mconf = model_config(cfg.model, len(tokenizer))
-    check_tp_heads(topo.tp_size, mconf.num_attention_heads, getattr(mconf, "num_key_value_heads", None))
+    kv = getattr(mconf, "num_key_value_heads", None)
+    check_tp_heads(topo.tp_size, mconf.num_attention_heads, kv)
+    check_sp_heads(topo.tp_size, topo.sp_size, mconf.num_attention_heads, kv)
     return tokenizer, mconf
 
 
@@ -196,7 +223,12 @@ def build_data(
 
 
 def build_model_and_optimizer(
-    cfg: Config, accelerator: Any, topo: Topology, mconf: Any, total_steps: int
+    cfg: Config,
+    accelerator: Any,
+    topo: Topology,
+    mconf: Any,
+    total_steps: int,
+    sp: SequenceParallel | None = None,
 ) -> tuple[Any, Any, Any, int, int, str]:
     """The DeepSpeed engine (AutoTP-sharded, ZeRO-partitioned), its optimizer and LR scheduler, the
     unsharded model's parameter count, how many of them train (all but a LoRA run's base) and a
@@ -221,7 +253,7 @@ def build_model_and_optimizer(
     keep_clipping_grad_norm(model)  # ZeRO-0 fp32: DeepSpeed would log no gradient norm
     if adapters:
         universal_info_without_frozen(model.module)  # the checkpoint holds no frozen weights
-    levers += apply_after_sharding(model.module, cfg)
+    levers += apply_after_sharding(model.module, cfg, sp)
     if accelerator.is_main_process:
         if adapters:
             print(f"[accel-tp] {adapters}", flush=True)
@@ -259,13 +291,14 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
     if accelerator.is_main_process:
         print(describe_mesh(topo, nodes), flush=True)
     set_seed(cfg.run.seed)
+    sp = build_sequence_parallel(topo)
     tokenizer, mconf = build_tokenizer(cfg, accelerator, topo)
     loader, eval_data = build_data(cfg, accelerator, topo, tokenizer)
     total_steps = total_steps_for(cfg, loader.steps_per_epoch)
     state = TrainState(
         global_batch_size=global_batch_size(cfg, topo),
         model=model_fingerprint(mconf) + describe(cfg.lora),
-        layout=f"tp{topo.tp_size}xdp{topo.dp_size}",
+        layout=topo.layout,
         data=data_fingerprint(cfg.data, tokenizer, cfg.run.seed, loader.sampler.num_samples),
         zero_stage=cfg.deepspeed.zero_stage,
     )
@@ -274,7 +307,7 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
     # layout or ZeRO stage is resharded in load().
     checkpointer.precheck()
     model, optimizer, scheduler, n_params, n_trained, state.base = build_model_and_optimizer(
-        cfg, accelerator, topo, mconf, total_steps
+        cfg, accelerator, topo, mconf, total_steps, sp
     )
     checkpointer.register(scheduler)
     compile_cache = None
@@ -305,7 +338,14 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
         state=state,
         checkpointer=checkpointer,
         reporter=reporter,
-        validator=Validator(accelerator, model, eval_data, topo.tp_size, cfg.train.eval_every),
+        validator=Validator(
+            accelerator,
+            model,
+            eval_data,
+            topo.tp_size,
+            cfg.train.eval_every,
+            on_device=lambda batch: batch_on_device(batch, accelerator.device, sp),
+        ),
         compile_watch=CompileWatch(cfg.model.compile, compile_cache, accelerator.is_main_process),
         folder=folder,
         total_steps=total_steps,
@@ -315,6 +355,7 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
         n_params=n_params,
         n_trained=n_trained,
         peak_flops=peak_flops,
+        sp=sp,
     )
 
 
@@ -323,28 +364,30 @@ def train_step(rt: Runtime, micro_batches: list[Batch], step: int) -> dict[str, 
     acc, model, topo = rt.accelerator, rt.model, rt.topo
     device = acc.device
     ga = len(micro_batches)
-    # Every TP peer holds the same batch, so world-wide sums count each DP batch tp_size times.
+    # Every TP and SP peer holds the same (whole) batch, so world-wide sums count each DP batch
+    # tp x sp times.
     local = [
         sum(float(getattr(mb, k)) for mb in micro_batches)
         for k in ("label_tokens", "real_tokens", "attn_context")
     ]
-    label_tokens, real_tokens, attn_context = (v / topo.tp_size for v in all_reduce_floats(local, device))
+    peers = topo.tp_size * topo.sp_size
+    label_tokens, real_tokens, attn_context = (v / peers for v in all_reduce_floats(local, device))
     # HF's loss is sum(token losses) / num_items_in_batch. DeepSpeed then divides by ga (micro-steps)
-    # and averages over the dp ranks, so this divisor makes the gradient exactly that of
-    # sum(all token losses of the global batch) / label_tokens.
-    items = label_tokens / (topo.dp_size * ga)
+    # and averages over its DP ranks (sp x dp: parallel.Topology.replicas), so this divisor makes the
+    # gradient exactly that of sum(all token losses of the global batch) / label_tokens.
+    items = label_tokens / (topo.replicas * ga)
     num_items = torch.tensor(items, dtype=torch.float32, device=device)
     # Summed on the device: one host sync per step (at the last micro-batch), not one per micro-batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, mb in enumerate(micro_batches):
-        inputs = mb.to(device, non_blocking=True).inputs
-        with acc.accumulate(model):
-            out = model(**inputs, num_items_in_batch=num_items, use_cache=False)
+        with acc.accumulate(model), rt.on_device(mb) as part:
+            out = model(**part.inputs, num_items_in_batch=num_items, use_cache=False)
             loss_sum += out.loss.detach().double() * items
             if i == ga - 1:
                 # Check before the last backward, i.e. before the optimizer step touches weights.
                 if dist.is_initialized():
                     dist.all_reduce(loss_sum)
+                # Each SP peer summed its own tokens' losses; each TP peer all of its replica's.
                 loss = loss_sum.item() / topo.tp_size / label_tokens
                 if not math.isfinite(loss):
                     raise FloatingPointError(
@@ -404,7 +447,8 @@ class _StepClock:
 def _banner(rt: Runtime, start: int) -> str:
     cfg, topo = rt.cfg, rt.topo
     return (
-        f"[accel-tp] world={topo.world_size} tp={topo.tp_size} dp={topo.dp_size} "
+        f"[accel-tp] world={topo.world_size} tp={topo.tp_size} "
+        f"{f'sp={topo.sp_size} ' if topo.sp_size > 1 else ''}dp={topo.dp_size} "
         f"precision={rt.precision} zero={cfg.deepspeed.zero_stage} global_batch={rt.state.global_batch_size} "
         f"seqs (micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum_steps} x dp {topo.dp_size}) "
         f"steps={start}->{rt.total_steps} batches/epoch/dp-rank={rt.loader.batches_per_epoch}"

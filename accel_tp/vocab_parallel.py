@@ -236,11 +236,13 @@ def vocab_parallel_loss_forward(
                 input_ids=input_ids, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs
             )
         kwargs.pop("logits_to_keep", None)  # the loss needs every position
+        shift_labels = kwargs.pop("shift_labels", None)  # already shifted (sequence parallelism)
         hidden = base(input_ids=input_ids, **kwargs).last_hidden_state
         loss = vocab_parallel_cross_entropy(
             hidden,
             head.weight,
-            labels,
+            labels if shift_labels is None else shift_labels,
+            shift=shift_labels is None,
             vocab_start=start,
             group=head.mp_group,
             bias=head.bias,

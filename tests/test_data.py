@@ -120,9 +120,9 @@ def test_tp_peers_get_identical_batches_dp_groups_disjoint(world: int, tp: int) 
         assert ids == by_rank[rank]
     topo0 = Topology(world, tp, 0)
     for d in range(topo0.dp_size):
-        group = topo0.tp_group_ranks(dp_rank=d)
+        group = topo0.tp_group_ranks(replica=d)
         assert all(by_rank[r] == by_rank[group[0]] for r in group)
-    firsts = [by_rank[topo0.tp_group_ranks(dp_rank=d)[0]] for d in range(topo0.dp_size)]
+    firsts = [by_rank[topo0.tp_group_ranks(replica=d)[0]] for d in range(topo0.dp_size)]
     flat = [i for f in firsts for i in f]
     assert len(set(flat)) == len(flat)
 

@@ -60,6 +60,7 @@ LAYERS: list[set[str]] = [
         "compat.transformers",
         "checkpoint.safe_load",
         "vocab_parallel",
+        "sequence_parallel",
         "staged_gloo",
     },
     {"errors"},

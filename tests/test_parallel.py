@@ -12,6 +12,7 @@ from accel_tp.config import Config, ConfigError, config_from_dict
 from accel_tp.parallel import (
     Topology,
     build_deepspeed_config,
+    check_sp_heads,
     check_tp_heads,
     global_batch_size,
     resolve_precision,
@@ -78,8 +79,8 @@ def test_groups_partition_the_world(world: int, tp: int) -> None:
 
 def test_group_ranks_with_explicit_index() -> None:
     t = Topology(8, 2, rank=0)
-    assert t.tp_group_ranks(dp_rank=1) == [2, 3]
-    assert t.tp_group_ranks(dp_rank=3) == [6, 7]
+    assert t.tp_group_ranks(replica=1) == [2, 3]
+    assert t.tp_group_ranks(replica=3) == [6, 7]
     assert t.dp_group_ranks(tp_rank=1) == [1, 3, 5, 7]
     assert Topology(8, 4, rank=6).tp_group_ranks() == [4, 5, 6, 7]
     assert Topology(8, 4, rank=6).dp_group_ranks() == [2, 6]
@@ -316,3 +317,51 @@ def test_partition_config_for_a_family_deepspeed_refuses(tmp_path) -> None:
         "autotp_size": 2,
         "vocab_parallel_lm_head": True,
     }
+
+
+@pytest.mark.parametrize(
+    ("world", "tp", "sp"), [(4, 1, 2), (4, 2, 2), (8, 2, 2), (8, 1, 4), (8, 2, 4), (4, 1, 4)]
+)
+def test_sequence_parallel_mesh(world: int, tp: int, sp: int) -> None:
+    """tp x sp x dp: TP groups stay consecutive, SP groups next (stride tp), and DeepSpeed's DP group
+    (same tp_rank) holds the sp x dp ranks; every rank is in one group of each kind."""
+    topos = [Topology(world, tp, r, sp_size=sp) for r in range(world)]
+    dp = world // (tp * sp)
+    assert all(t.dp_size == dp and t.replicas == world // tp for t in topos)
+    sp_groups = {tuple(t.sp_group_ranks()) for t in topos}
+    assert len(sp_groups) == dp * tp and sorted(r for g in sp_groups for r in g) == list(range(world))
+    for t in topos:
+        assert t.rank == (t.dp_rank * sp + t.sp_rank) * tp + t.tp_rank
+        assert list(t.tp_group_ranks()) == list(range(t.rank - t.tp_rank, t.rank - t.tp_rank + tp))
+        group = t.sp_group_ranks()
+        assert t.rank in group and [topos[r].sp_rank for r in group] == list(range(sp))
+        # SP peers share the batch (dp_rank) and the weight shard (tp_rank)
+        assert {(topos[r].dp_rank, topos[r].tp_rank) for r in group} == {(t.dp_rank, t.tp_rank)}
+        assert set(group) <= set(t.dp_group_ranks())
+        assert t.layout == f"tp{tp}xdp{world // tp}"
+
+
+def test_sequence_parallel_mesh_refuses_an_uneven_world() -> None:
+    with pytest.raises(
+        ConfigError, match=r"parallelism.sp_size \(2\) x tp_size \(2\) must divide the world size \(6\)"
+    ):
+        Topology(6, 2, 0, sp_size=2)
+
+
+@pytest.mark.parametrize(
+    ("tp", "sp", "heads", "kv", "ok"),
+    [
+        (1, 2, 4, 4, True),
+        (2, 2, 4, 4, True),
+        (1, 4, 8, 2, True),  # 2 kv heads over 4 ranks: each gets a copy of one
+        (2, 2, 8, 2, True),  # 1 kv head per TP rank, replicated over sp
+        (1, 3, 4, 4, False),  # 4 query heads do not split over 3
+        (1, 4, 12, 3, False),  # 3 kv heads: neither divides the other
+    ],
+)
+def test_sp_heads(tp: int, sp: int, heads: int, kv: int, ok: bool) -> None:
+    if ok:
+        check_sp_heads(tp, sp, heads, kv)
+    else:
+        with pytest.raises(ConfigError, match="parallelism.sp_size: .* Use sp_size in"):
+            check_sp_heads(tp, sp, heads, kv)
