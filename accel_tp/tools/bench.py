@@ -348,13 +348,15 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
+    # TP and SP peers count the same (whole) batches.
+    peers = topo.tp_size * topo.sp_size
     real, positions, context, seconds = _global(
-        [timing["real"], timing["positions"], timing["context"], timing["seconds"]], device, topo.tp_size
+        [timing["real"], timing["positions"], timing["context"], timing["seconds"]], device, peers
     )
     # The same honest count as training: attention over each token's own document when packed.
     # A LoRA arm: 4 FLOPs per frozen parameter per token, 6 per trained one (metrics.flops_per_token).
     fpt = flops_per_token(info["mconf"], info["params"], context / max(real, 1.0), info.get("trained"))
-    seconds = seconds * topo.tp_size / topo.world_size  # mean over ranks (they are in lock step)
+    seconds = seconds * peers / topo.world_size  # mean over ranks (they are in lock step)
     peak = timing["peak_gib"]
     if peak is not None:
         peak = _global([peak], device, 1)[0] / topo.world_size
@@ -371,6 +373,7 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any] | None:
         "micro_batch": cfg.train.micro_batch_size,
         "grad_accum": cfg.train.grad_accum_steps,
         "tp": topo.tp_size,
+        "sp": topo.sp_size,
         "dp": topo.dp_size,
         "zero": cfg.deepspeed.zero_stage if spec["kind"] != "reference" else 1,
         "precision": info["precision"],
@@ -511,7 +514,8 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
             raise SystemExit(
                 f"--nproc {args.nproc} is not a multiple of the TP size {t} (--tp / parallelism.tp_size)."
             )
-    base += [f"parallelism.dp_size={args.nproc // tp}"]
+    sps = [int(x) for x in args.sp.split(",")] if args.sp else [base_cfg.parallelism.sp_size]
+    base += [f"parallelism.dp_size={args.nproc // (tp * base_cfg.parallelism.sp_size)}"]
     base += measurement_overrides(workdir / "runs", args.warmup + args.steps + 1)
     if args.corpus == "wikitext-like":
         from ..corpus import wikitext_like
@@ -561,13 +565,16 @@ def build_arms(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
                 arms.append(_spec("reference", "reference", args, ref_sets, shape, seq))
             for name, extra in variants:
                 extra, env = _split_env(extra)
-                for t in tps:  # --tp: one arm per TP size, the rest of the --nproc ranks DP
-                    layout = (
-                        [f"parallelism.tp_size={t}", f"parallelism.dp_size={args.nproc // t}"]
-                        if args.tp
-                        else []
-                    )
-                    label = f"{name}-tp{t}" if args.tp else name
+                # --tp / --sp: one arm per TP x SP size that divides --nproc, the rest of the ranks DP.
+                for t, sp in [(t, sp) for t in tps for sp in sps if args.nproc % (t * sp) == 0]:
+                    layout = []
+                    if args.tp or args.sp:
+                        layout = [
+                            f"parallelism.tp_size={t}",
+                            f"parallelism.sp_size={sp}",
+                            f"parallelism.dp_size={args.nproc // (t * sp)}",
+                        ]
+                    label = name + (f"-tp{t}" if args.tp else "") + (f"-sp{sp}" if args.sp else "")
                     arms.append(_spec(label, "accel", args, sets + layout + extra, shape, seq, env))
     # Fail here, not in a worker, on a bad override.
     train = [(a["name"], load_config(args.config, a["overrides"]).train) for a in arms]
@@ -778,6 +785,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tp",
         default=None,
         help="comma list of TP sizes: each accel arm once per size, DP = --nproc / TP (e.g. 1,2,4)",
+    )
+    p.add_argument(
+        "--sp",
+        default=None,
+        help="comma list of sequence-parallel sizes: each accel arm once per (TP, SP) that divides "
+        "--nproc, DP = --nproc / (TP x SP) (e.g. 1,2,4)",
     )
     p.add_argument(
         "--shared-gpu",
