@@ -145,3 +145,18 @@ def test_tp2_bf16_levers_within_the_spread_of_tp1(tmp_path, levers):
     print(f"[gpu-tp] bf16 {levers}: tp1 spread {spread:.2e}, tp2 vs tp1 {worst:.2e}")
     assert a[-1] < a[0] - 1.0
     assert worst <= 2 * spread, (tp2, a, b)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_sp2_fp32_matches_sp1(tmp_path, attn):
+    """Ulysses sequence parallelism on the GPU's kernels: sp 2 (two processes, the all-to-alls through
+    the staged transport) against sp 1, fp32, document packing (the flex BlockMask and the sdpa mask
+    rebuilt per document for the whole rows), activation checkpointing: the same losses."""
+    extra = {"model.attn_implementation": attn}
+    _launch(1, _overrides(tmp_path, "sp1", 1, **extra))
+    proc = _launch(2, _overrides(tmp_path, "sp2", 1, **extra, **{"parallelism.sp_size": 2}))
+    assert "Ulysses sequence parallel (2 ranks" in proc.stdout
+    sp1, sp2 = _losses(tmp_path, "sp1"), _losses(tmp_path, "sp2")
+    worst = _worst(sp2, sp1)
+    print(f"[gpu-sp] fp32 {attn} sp2 vs sp1: worst relative loss difference {worst:.2e}")
+    assert worst <= FP32_RTOL, (sp2, sp1)
