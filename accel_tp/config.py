@@ -266,6 +266,10 @@ class ParallelismSection:
     # batch and each holds 1/sp_size of every row's tokens; attention exchanges heads for sequence
     # by all-to-all, so every attention kernel sees whole rows of its heads. world = tp x sp x dp.
     sp_size: int = 1
+    # Expert parallelism (DeepSpeed AutoEP) for mixture-of-experts models: each MoE layer's experts
+    # split over ep_size ranks (folded onto the DP ranks of a TP shard), tokens routed to them by
+    # all-to-all. 1: every rank holds every expert.
+    ep_size: int = 1
     # At tp_size > 1: the output head split by vocabulary and the loss computed on each rank's slice
     # (accel_tp/vocab_parallel.py), so no rank holds the whole vocabulary's logits. false: the head's
     # logits gathered on every rank (and a tied embedding whole), the model's own loss.
@@ -278,6 +282,8 @@ class ParallelismSection:
             raise ConfigError(f"parallelism.dp_size: must be >= 1, got {self.dp_size}.")
         if self.sp_size < 1:
             raise ConfigError(f"parallelism.sp_size: must be >= 1, got {self.sp_size}.")
+        if self.ep_size < 1:
+            raise ConfigError(f"parallelism.ep_size: must be >= 1, got {self.ep_size}.")
 
     @property
     def replica_size(self) -> int:

@@ -38,6 +38,10 @@ from typing import Any
 from .config import Config, ConfigError, ModelSection
 
 __all__ = [
+    "EXPERT_PRESETS",
+    "num_experts",
+    "check_expert_parallel",
+    "expert_parallel_block",
     "Partition",
     "DEEPSPEED_STYLES",
     "FAMILY_PLANS",
@@ -375,6 +379,57 @@ def tensor_parallel_block(
         # _apply_autotp_partitioning), so one setting would mean different things per family.
         block["vocab_parallel_lm_head"] = vocab_parallel
     return block
+
+
+# Model types DeepSpeed AutoEP has a preset for (deepspeed/module_inject/auto_ep_presets, 0.19.8):
+# its preset names are the Hugging Face model_type.
+EXPERT_PRESETS = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3", "qwen3_5_moe", "minimax_m3")
+
+
+def num_experts(mconf: Any) -> int | None:
+    """The routed experts per MoE layer of a Hugging Face config (None: not a mixture of experts)."""
+    text = mconf.get_text_config() if hasattr(mconf, "get_text_config") else mconf
+    for attr in ("num_local_experts", "num_experts", "n_routed_experts"):
+        n = getattr(text, attr, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_expert_parallel(mconf: Any, ep_size: int, tp_size: int, zero_stage: int) -> None:
+    """Refuse an ep_size AutoEP cannot run, naming the field and the valid values."""
+    if ep_size <= 1:
+        return
+    kind = getattr(mconf, "model_type", None)
+    experts = num_experts(mconf)
+    if experts is None:
+        raise ConfigError(
+            f"parallelism.ep_size: {ep_size}, but the {kind!r} model has no routed experts; set ep_size: 1."
+        )
+    if kind not in EXPERT_PRESETS:
+        raise ConfigError(
+            f"parallelism.ep_size: DeepSpeed AutoEP has no preset for {kind!r} models (presets: "
+            f"{', '.join(EXPERT_PRESETS)}); set ep_size: 1 (every rank then holds every expert)."
+        )
+    if experts % ep_size:
+        valid = [d for d in range(1, experts + 1) if experts % d == 0]
+        raise ConfigError(
+            f"parallelism.ep_size: {ep_size} does not divide the model's {experts} experts per layer; "
+            f"use ep_size in {valid}."
+        )
+    if zero_stage == 3 and tp_size > 1:
+        raise ConfigError(
+            "parallelism.ep_size: DeepSpeed AutoEP with ZeRO-3 excludes AutoTP (tp_size > 1); use "
+            "deepspeed.zero_stage 1 or 2, or tp_size: 1."
+        )
+
+
+def expert_parallel_block(section: ModelSection, ep_size: int) -> dict[str, Any] | None:
+    """DeepSpeed's `expert_parallel` config block (AutoEP) for ep_size > 1, else None."""
+    if ep_size <= 1:
+        return None
+    kind = hf_config(section).model_type if section.architecture is None else "qwen2"
+    return {"enabled": True, "autoep_size": ep_size, "preset_model": kind}
 
 
 # Modules whose PEFT copy (lora.modules_to_save) would hide the head from DeepSpeed's

@@ -188,9 +188,13 @@ def model_fingerprint(mconf: Any) -> str:
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
+    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed. Named, as
+    DeepSpeed's MoE grouping needs (moe.utils.split_params_into_different_moe_groups_for_optimizer)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]

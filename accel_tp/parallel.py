@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, ConfigError
-from .families import tensor_parallel_block, vocabulary_split
+from .families import expert_parallel_block, tensor_parallel_block, vocabulary_split
 
 __all__ = [
     "Topology",
@@ -223,6 +223,25 @@ def build_deepspeed_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    experts = expert_parallel_block(cfg.model, cfg.parallelism.ep_size)
+    if experts is not None:
+        config["expert_parallel"] = experts
+        # AutoEP replaces the MoE layers inside deepspeed.initialize, and DeepSpeed's ZeRO optimizer
+        # needs the new expert parameters in param groups of their own ("moe": True); it builds
+        # those only for an optimizer it creates itself (runtime/engine.py _configure_optimizer ->
+        # moe.utils.configure_moe_param_groups). So an EP run's AdamW is built there: torch's
+        # AdamW, the same settings, on our param groups (trainer: Accelerate's DummyOptim).
+        tr = cfg.train
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": tr.learning_rate,
+                "betas": [tr.adam_beta1, tr.adam_beta2],
+                "eps": tr.adam_eps,
+                "weight_decay": tr.weight_decay,
+                "torch_adam": True,
+            },
+        }
     if precision == "bf16":
         # DeepSpeed's bf16 overflow check scans every gradient tensor (a few kernels per parameter
         # and a host sync each step: a visible share of a step, docs/performance.md). bf16 has fp32's

@@ -120,6 +120,13 @@ def apply_after_sharding(module: Any, cfg: Config, sp: SequenceParallel | None =
     tp = cfg.parallelism.tp_size
     localize_attention(module, partition_for(cfg.model, tp), tp)  # before compile traces the forward
     applied = []
+    experts = expert_layers(module)
+    if experts:
+        layer = experts[0]
+        applied.append(
+            f"expert parallel (AutoEP: {layer.num_local_experts} of {layer.num_experts} experts per rank, "
+            f"ep {layer.ep_size}, {len(experts)} MoE layers)"
+        )
     if sp is not None:
         n = sp.install(module, module.config._attn_implementation)
         applied.append(f"Ulysses sequence parallel ({sp.size} ranks, {n} attention layers)")
@@ -129,6 +136,11 @@ def apply_after_sharding(module: Any, cfg: Config, sp: SequenceParallel | None =
     if cfg.model.compile:
         applied.append(f"compiled {compile_decoder_layers(module)} decoder layers")
     return applied
+
+
+def expert_layers(module: Any) -> list[Any]:
+    """The MoE layers DeepSpeed's AutoEP put in place (each holds its EP rank's experts)."""
+    return [m for m in module.modules() if getattr(type(m), "_is_autoep_layer", False)]
 
 
 def install_vocab_parallel_loss(module: Any, cfg: Config) -> str | None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .checkpoint import Checkpointer, TrainState
 from .compat.deepspeed import keep_clipping_grad_norm, universal_info_without_frozen
-from .compat.transformers import without_hf_zero3_init
+from .compat.transformers import output_recorders_keyed_by_name, without_hf_zero3_init
 from .compile_cache import CompileCache, CompileWatch
 from .config import Config
 from .data import (
@@ -240,15 +240,25 @@ def build_model_and_optimizer(
     levers = apply_before_sharding(model, cfg, topo.tp_size)
     n_trained, n_params = trainable_count(model)
     tr = cfg.train
-    optimizer = torch.optim.AdamW(
-        param_groups(model, tr.weight_decay),
-        lr=tr.learning_rate,
-        betas=(tr.adam_beta1, tr.adam_beta2),
-        eps=tr.adam_eps,
-        fused=tr.fused_optimizer,
-    )
-    # AutoTP splits PEFT's adapters with their layers (accel_tp/lora.py).
-    with hidden_from_autotp(model) if adapters else contextlib.nullcontext():
+    if cfg.parallelism.ep_size > 1:
+        # DeepSpeed builds an EP run's AdamW after AutoEP (parallel.build_deepspeed_config says why).
+        from accelerate.utils import DummyOptim
+
+        optimizer = DummyOptim(param_groups(model, tr.weight_decay), lr=tr.learning_rate, weight_decay=tr.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(
+            param_groups(model, tr.weight_decay),
+            lr=tr.learning_rate,
+            betas=(tr.adam_beta1, tr.adam_beta2),
+            eps=tr.adam_eps,
+            fused=tr.fused_optimizer,
+        )
+    # AutoTP splits PEFT's adapters with their layers (accel_tp/lora.py); AutoEP reads Transformers'
+    # output-capture registry (compat.transformers.output_recorders_keyed_by_name).
+    with (
+        hidden_from_autotp(model) if adapters else contextlib.nullcontext(),
+        output_recorders_keyed_by_name() if cfg.parallelism.ep_size > 1 else contextlib.nullcontext(),
+    ):
         model, optimizer = accelerator.prepare(model, optimizer)
     keep_clipping_grad_norm(model)  # ZeRO-0 fp32: DeepSpeed would log no gradient norm
     if adapters:
