@@ -40,6 +40,12 @@ class Validator:
         self.every = every
         # How a batch reaches the model (trainer.batch_on_device: on the device, a sequence-parallel
         # rank's slice); default: the whole batch moved to the device.
+        # The held-out loss is the language-model loss: a mixture of experts' router load-balancing
+        # term (output_router_logits) is left out, so eval_ppl is a perplexity.
+        config = getattr(getattr(model, "module", model), "config", None)
+        self._lm_only = (
+            {"output_router_logits": False} if getattr(config, "output_router_logits", False) else {}
+        )
         self.on_device = on_device or (lambda mb: contextlib.nullcontext(mb.to(accelerator.device)))
 
     def should_run(self, step: int, last: bool) -> bool:
@@ -59,7 +65,7 @@ class Validator:
                 with self.on_device(mb) as part:
                     n = float(part.label_tokens)  # a sequence-parallel slice may hold none
                     items = torch.tensor(max(n, 1.0), device=acc.device)
-                    out = model(**part.inputs, num_items_in_batch=items, use_cache=False)
+                    out = model(**part.inputs, num_items_in_batch=items, use_cache=False, **self._lm_only)
                 total += float(out.loss) * max(n, 1.0)  # the sum of the token losses
                 count += n
         model.train()

@@ -51,7 +51,15 @@ from .lora import (
     resolve_adapter,
     save_adapter,
 )
-from .model import build_model, load_tokenizer, model_config, model_fingerprint, param_groups
+from .experts import expert_layers, hf_state_dict, zero3_state_dict
+from .model import (
+    build_meta_model,
+    build_model,
+    load_tokenizer,
+    model_config,
+    model_fingerprint,
+    param_groups,
+)
 from .parallel import Topology, build_deepspeed_config, make_deepspeed_plugin
 from .parallelize import prepare_vocabulary_split
 from .run_folder import ADAPTER_DIR, CHECKPOINTS_DIR
@@ -92,7 +100,17 @@ def export_hf(
     `adapters.folder`, as `adapters.what` says; the check file goes beside whichever is written.
     """
     out = Path(out_dir)
-    state_dict = accelerator.get_state_dict(engine)  # collective: every rank must call it
+    module = accelerator.unwrap_model(engine)
+    if expert_layers(module) and engine.zero_optimization_partition_weights():
+        state_dict = zero3_state_dict(module)  # DeepSpeed refuses this case (experts.zero3_state_dict)
+    else:
+        state_dict = accelerator.get_state_dict(engine)  # collective: every rank must call it
+    if expert_layers(module):
+        # AutoEP's layers hold one EP rank's experts under its own names: gathered, and written
+        # in the layout of the model class the run started from (collective too).
+        with without_hf_zero3_init():
+            meta = build_meta_model(module.config, getattr(module.config, "trust_remote_code", False))
+        state_dict = hf_state_dict(state_dict, module, meta)
     check = None
     if probe is not None:
         batch = {k: v.to(accelerator.device) for k, v in probe.items()}

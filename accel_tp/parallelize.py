@@ -16,6 +16,7 @@ import torch
 from .compat.deepspeed import vocab_splittable_embedding
 from .compat.liger import liger_api
 from .config import Config, ConfigError, ModelSection
+from .experts import expert_layers
 from .families import localize_attention, partition_for, plain_head, vocabulary_split
 from .sequence_parallel import SequenceParallel
 from .vocab_parallel import DEFAULT_CHUNK_TOKENS, vocab_parallel_head, vocab_parallel_loss_forward
@@ -120,7 +121,7 @@ def apply_after_sharding(module: Any, cfg: Config, sp: SequenceParallel | None =
     tp = cfg.parallelism.tp_size
     localize_attention(module, partition_for(cfg.model, tp), tp)  # before compile traces the forward
     applied = []
-    experts = expert_layers(module)
+    experts = list(expert_layers(module).values())
     if experts:
         layer = experts[0]
         applied.append(
@@ -136,11 +137,6 @@ def apply_after_sharding(module: Any, cfg: Config, sp: SequenceParallel | None =
     if cfg.model.compile:
         applied.append(f"compiled {compile_decoder_layers(module)} decoder layers")
     return applied
-
-
-def expert_layers(module: Any) -> list[Any]:
-    """The MoE layers DeepSpeed's AutoEP put in place (each holds its EP rank's experts)."""
-    return [m for m in module.modules() if getattr(type(m), "_is_autoep_layer", False)]
 
 
 def install_vocab_parallel_loss(module: Any, cfg: Config) -> str | None:

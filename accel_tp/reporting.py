@@ -109,6 +109,8 @@ class Reporter:
             "time": time.time(),  # wall clock (Unix seconds): when this step ended
             "global_batch": self.global_batch,
         }
+        if "aux_loss" in stats:  # a mixture of experts' router load-balancing loss (in `loss` already)
+            metrics["aux_loss"] = stats["aux_loss"]
         if self.peak_flops and self.flops_per_token_at is not None:
             # Real tokens only: padding does not count as useful work.
             flops = self.flops_per_token_at(stats["attn_context"])

@@ -244,7 +244,9 @@ def build_model_and_optimizer(
         # DeepSpeed builds an EP run's AdamW after AutoEP (parallel.build_deepspeed_config says why).
         from accelerate.utils import DummyOptim
 
-        optimizer = DummyOptim(param_groups(model, tr.weight_decay), lr=tr.learning_rate, weight_decay=tr.weight_decay)
+        optimizer = DummyOptim(
+            param_groups(model, tr.weight_decay), lr=tr.learning_rate, weight_decay=tr.weight_decay
+        )
     else:
         optimizer = torch.optim.AdamW(
             param_groups(model, tr.weight_decay),
@@ -389,14 +391,22 @@ def train_step(rt: Runtime, micro_batches: list[Batch], step: int) -> dict[str, 
     num_items = torch.tensor(items, dtype=torch.float32, device=device)
     # Summed on the device: one host sync per step (at the last micro-batch), not one per micro-batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+    has_aux = False
     for i, mb in enumerate(micro_batches):
         with acc.accumulate(model), rt.on_device(mb) as part:
             out = model(**part.inputs, num_items_in_batch=num_items, use_cache=False)
             loss_sum += out.loss.detach().double() * items
+            aux = getattr(out, "aux_loss", None)  # MoE with output_router_logits: inside out.loss too
+            if aux is not None:
+                aux_sum += aux.detach().double()
+                has_aux = True
             if i == ga - 1:
                 # Check before the last backward, i.e. before the optimizer step touches weights.
                 if dist.is_initialized():
                     dist.all_reduce(loss_sum)
+                    if has_aux:
+                        dist.all_reduce(aux_sum)
                 # Each SP peer summed its own tokens' losses; each TP peer all of its replica's.
                 loss = loss_sum.item() / topo.tp_size / label_tokens
                 if not math.isfinite(loss):
@@ -417,13 +427,18 @@ def train_step(rt: Runtime, micro_batches: list[Batch], step: int) -> dict[str, 
             f"step {step + 1}: gradient norm is {grad_norm}, not finite; stopping (the last checkpoint "
             "precedes this step). Lower train.learning_rate or keep deepspeed.gradient_clipping on."
         )
-    return {
+    stats = {
         "loss": loss,
         "grad_norm": grad_norm,
         "tokens": real_tokens,
         "label_tokens": label_tokens,
         "attn_context": attn_context / max(real_tokens, 1.0),  # mean positions a token attends over
     }
+    if has_aux:
+        # The mean over micro-batches and ranks of each forward's load-balancing loss: what the
+        # loss holds (each forward adds coef x its own), and what DeepSpeed's average trains.
+        stats["aux_loss"] = aux_sum.item() / (ga * topo.world_size)
+    return stats
 
 
 def _micro_batch_groups(stream: Iterator[tuple[int, Batch]], ga: int) -> Iterator[tuple[int, list[Batch]]]:
