@@ -70,7 +70,7 @@ def hf_state_dict(
     specs = _specs(meta_model, module.config.model_type)
     original = {k: v.shape for k, v in meta_model.state_dict().items()}
     out = {k: v for k, v in state_dict.items() if not any(k.startswith(f"{n}.") for n in layers)}
-    for name, layer in layers.items():
+    for name in layers:
         spec = specs[name]
         w1, w2, w3 = grouped[name]
         prefix = f"{name}."

@@ -42,6 +42,7 @@ from .compat.transformers import without_hf_zero3_init
 from .config import Config, ConfigError, LoraSection, load_config
 from .env import apply_worker_env, free_port, quiet_libraries
 from .errors import ExportError
+from .experts import expert_layers, hf_state_dict, zero3_state_dict
 from .lora import (
     apply_lora,
     base_digest,
@@ -51,7 +52,6 @@ from .lora import (
     resolve_adapter,
     save_adapter,
 )
-from .experts import expert_layers, hf_state_dict, zero3_state_dict
 from .model import (
     build_meta_model,
     build_model,
