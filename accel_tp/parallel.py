@@ -35,6 +35,7 @@ class Topology:
     tp_size: int
     rank: int = 0
     sp_size: int = 1
+    ep_size: int = 1  # experts split over this many of DeepSpeed's DP ranks (AutoEP)
 
     def __post_init__(self) -> None:
         if self.tp_size < 1 or self.world_size < 1 or self.sp_size < 1:
@@ -51,6 +52,12 @@ class Topology:
             raise ConfigError(
                 f"parallelism.sp_size ({self.sp_size}) x tp_size ({self.tp_size}) must divide the world size "
                 f"({self.world_size}); use an sp_size among {[d for d in range(1, per + 1) if per % d == 0]}."
+            )
+        if self.ep_size < 1 or self.world_size % self.ep_size:
+            raise ConfigError(
+                f"parallelism.ep_size ({self.ep_size}) must divide the world size ({self.world_size}): DeepSpeed "
+                "AutoEP folds the experts' ranks onto the world's (runtime/engine.py build_folding_spec); use an "
+                f"ep_size among {[d for d in range(1, self.world_size + 1) if self.world_size % d == 0]}."
             )
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {self.rank} outside world of {self.world_size}.")
@@ -71,7 +78,7 @@ class Topology:
                 f"{world_size} processes; launch {unit * par.dp_size} processes or set parallelism.dp_size: "
                 f"{world_size // unit}."
             )
-        return cls(world_size=world_size, tp_size=par.tp_size, rank=rank, sp_size=par.sp_size)
+        return cls(world_size=world_size, tp_size=par.tp_size, rank=rank, sp_size=par.sp_size, ep_size=par.ep_size)
 
     @property
     def dp_size(self) -> int:
@@ -98,8 +105,10 @@ class Topology:
 
     @property
     def layout(self) -> str:
-        """The layout DeepSpeed's checkpoint files follow (SP ranks are DeepSpeed DP ranks)."""
-        return f"tp{self.tp_size}xdp{self.replicas}"
+        """The layout DeepSpeed's checkpoint files follow (SP ranks are DeepSpeed DP ranks; the
+        expert partition, when AutoEP splits the experts)."""
+        ep = f"xep{self.ep_size}" if self.ep_size > 1 else ""
+        return f"tp{self.tp_size}xdp{self.replicas}{ep}"
 
     def describe(self) -> str:
         """'tp2 x sp2 x dp1' (sp left out at 1)."""

@@ -38,6 +38,7 @@ from .data import (
 from .env import apply_worker_env, process_group_backend, quiet_libraries
 from .evaluation import Validator, all_reduce_floats
 from .export import AdapterExport, export_hf
+from .families import check_expert_parallel
 from .lora import apply_lora, base_digest, describe, hidden_from_autotp, resolve_adapter, trainable_count
 from .metrics import flat_config, flops_per_token, peak_bf16_flops
 from .model import build_model, load_tokenizer, model_config, model_fingerprint, param_groups
@@ -194,6 +195,7 @@ def build_tokenizer(cfg: Config, accelerator: Any, topo: Topology) -> tuple[Any,
     kv = getattr(mconf, "num_key_value_heads", None)
     check_tp_heads(topo.tp_size, mconf.num_attention_heads, kv)
     check_sp_heads(topo.tp_size, topo.sp_size, mconf.num_attention_heads, kv)
+    check_expert_parallel(mconf, topo.ep_size, topo.tp_size, cfg.deepspeed.zero_stage)
     return tokenizer, mconf
 
 

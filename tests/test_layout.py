@@ -61,6 +61,7 @@ LAYERS: list[set[str]] = [
         "checkpoint.safe_load",
         "vocab_parallel",
         "sequence_parallel",
+        "experts",
         "staged_gloo",
     },
     {"errors"},

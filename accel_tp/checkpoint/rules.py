@@ -66,6 +66,18 @@ def check_resume(saved: dict[str, Any] | None, current: TrainState, where: str) 
             f"{where}: not an accel-tp checkpoint (no {TRAIN_STATE_FILE} with the train state)."
         )
     plan = reshard_plan(saved, current)
+    s_ep, c_ep = _ep_of(saved.get("layout") or ""), _ep_of(current.layout)
+    if (s_ep > 1) != (c_ep > 1):
+        # Measured (DeepSpeed 0.19.8, tiny Mixtral): an AutoEP model's state has other modules
+        # (router.gate, experts.w1/w2/w3 per EP rank, one file per expert) than the Hugging Face
+        # one (gate, experts.gate_up_proj / down_proj): loading one into the other fails with
+        # missing and unexpected keys, and the universal checkpoint keeps that module structure.
+        raise CheckpointError(
+            f"{where}: the checkpoint was saved with parallelism.ep_size {s_ep} and this run has {c_ep}: "
+            "experts split by AutoEP and whole experts are different modules (DeepSpeed cannot load one "
+            f"into the other). Resume with an ep_size {'> 1' if s_ep > 1 else 'of 1'} (another ep_size > 1 "
+            "reshards), or start a new run from the checkpoint's export (checkpoint.export_hf, model.name_or_path)."
+        )
     stages = (_stage(saved.get("zero_stage")), _stage(current.zero_stage))
     if plan and 0 in stages:
         # DeepSpeed 0.19.8. From ZeRO-0: its checkpoint keeps each TP rank's whole torch optimizer
@@ -127,6 +139,11 @@ def _stage(value: Any) -> int | None:
 
 def _describe(layout: str, stage: int | None) -> str:
     return f"{layout or '?'} ZeRO-{stage}" if stage is not None else (layout or "?")
+
+
+def _ep_of(layout: str) -> int:
+    """The expert-parallel size a layout names ('tp1xdp4xep2' -> 2; none: 1)."""
+    return int(layout.partition("xep")[2] or 1)
 
 
 def _tp_of(layout: str) -> str:
