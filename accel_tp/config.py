@@ -467,6 +467,10 @@ class CheckpointSection:
     # `accelerate launch` only: resume from this checkpoint directory ("latest": the newest one
     # under <run.output_dir>/<run.name>/checkpoints). Ray runs resume from Ray's own checkpoint.
     resume_from: str | None = None
+    # Ray runs: "async" hands a written checkpoint to Ray and trains on while Ray uploads it to
+    # ray.storage_path (Ray registers it once every worker's upload is complete; a next save first
+    # waits for it, so at most one upload is in flight); "sync" waits for the upload at every save.
+    upload: Literal["async", "sync"] = "async"
 
     def validate(self) -> None:
         if self.every_steps < 0:

@@ -55,11 +55,11 @@ def hf_state_dict(
     if not layers:
         return state_dict
 
-    # The collective part first, on every rank (a rank may hold an empty state_dict: ZeRO-3 gathers
-    # to the main process only).
+    # The collective part first, on every rank (a rank other than the main one may hold no state
+    # dict: Accelerate's get_state_dict gathers to the main process at tp > 1).
     def local(name: str, layer: Any, w: str) -> torch.Tensor:
         # Under ZeRO-3 the parameter is a partition; zero3_state_dict holds it gathered (on every rank).
-        held = state_dict.get(f"{name}.experts.{w}")
+        held = state_dict.get(f"{name}.experts.{w}") if state_dict else None
         return held if held is not None and held.ndim == 3 else getattr(layer.experts, w)
 
     grouped = {

@@ -17,7 +17,6 @@ from .errors import ConfigError, UserError, WorkerCrash
 from .export import ray_registered
 from .model import load_tokenizer, model_config
 from .modes import LocalMode, RayMode
-from .families import check_expert_parallel
 from .parallel import Topology, check_sp_heads, check_tp_heads
 from .parallelize import check_device_support, checkpointed_layer_count
 from .placement import check_cluster_fits, workers_per_node

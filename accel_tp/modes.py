@@ -77,6 +77,7 @@ class RayMode:
             every_steps=cfg.checkpoint.every_steps,
             at_end=cfg.checkpoint.at_end,
             trust_pickles=cfg.checkpoint.trust_pickles,
+            upload=cfg.checkpoint.upload,
         )
 
     def reporter(self, cfg: Config, accelerator: Any, **kwargs: Any) -> Reporter:

@@ -78,7 +78,9 @@ class Topology:
                 f"{world_size} processes; launch {unit * par.dp_size} processes or set parallelism.dp_size: "
                 f"{world_size // unit}."
             )
-        return cls(world_size=world_size, tp_size=par.tp_size, rank=rank, sp_size=par.sp_size, ep_size=par.ep_size)
+        return cls(
+            world_size=world_size, tp_size=par.tp_size, rank=rank, sp_size=par.sp_size, ep_size=par.ep_size
+        )
 
     @property
     def dp_size(self) -> int:

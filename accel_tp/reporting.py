@@ -75,6 +75,7 @@ class Reporter:
         # context -> training FLOPs per token (None: no MFU, e.g. on CPU)
         self.flops_per_token_at = flops_per_token_at
         self.peak_flops = peak_flops
+        self._last_save: dict[str, float] = {}  # the last save's times, for the next logged row
         self.metrics_file = MetricsFile(folder.metrics, accelerator.is_main_process)
         self.bar: Any = None
         self.last_checkpoint: str | None = None
@@ -109,6 +110,8 @@ class Reporter:
             "time": time.time(),  # wall clock (Unix seconds): when this step ended
             "global_batch": self.global_batch,
         }
+        metrics.update(self._last_save)  # the previous save's times, once
+        self._last_save = {}
         if "aux_loss" in stats:  # a mixture of experts' router load-balancing loss (in `loss` already)
             metrics["aux_loss"] = stats["aux_loss"]
         if self.peak_flops and self.flops_per_token_at is not None:
@@ -155,6 +158,31 @@ class Reporter:
         self._publish(metrics, checkpoint)
         self.last_checkpoint = checkpoint.location
 
+    def save_timed(self, checkpoint: WrittenCheckpoint, stall: float, write: float, hand_over: float) -> None:
+        """A save's times (seconds, this rank's): `stall`, all the time training stood still for it;
+        of that, `checkpoint.waited_s` waiting for the previous save's upload, `write` writing the
+        files, `hand_over` publishing them (a synchronous Ray save: the upload itself). Printed
+        and added to the next logged row (save_stall_s, save_wait_s, save_write_s, save_publish_s)."""
+        self._last_save = {
+            "save_stall_s": stall,
+            "save_wait_s": checkpoint.waited_s,
+            "save_write_s": write,
+            "save_publish_s": hand_over,
+        }
+        if self.accelerator.is_main_process:
+            wait = (
+                f"waited {checkpoint.waited_s:.2f} s for the previous upload, "
+                if checkpoint.waited_s > 0.01
+                else ""
+            )
+            print(
+                f"[accel-tp] {checkpoint.name}: training stood still {stall:.2f} s ({wait}wrote {write:.2f} s, "
+                f"{self._publish_word} {hand_over:.2f} s)",
+                flush=True,
+            )
+
+    _publish_word = "published"
+
     def _publish(self, metrics: dict[str, Any], checkpoint: WrittenCheckpoint | None) -> None:
         """Where a logged step goes beyond the run folder (nowhere without Ray)."""
 
@@ -181,6 +209,10 @@ class RayReporter(Reporter):
     """Under Ray Train: every logged step is also a `ray.train.report` on every rank (Ray waits for
     all workers' reports of a step), with the step's checkpoint when it saves one."""
 
+    @property
+    def _publish_word(self) -> str:  # type: ignore[override]
+        return "handed to Ray's upload thread" if self.cfg.checkpoint.upload == "async" else "uploaded"
+
     def _publish(self, metrics: dict[str, Any], checkpoint: WrittenCheckpoint | None) -> None:
         import ray.train
 
@@ -188,9 +220,12 @@ class RayReporter(Reporter):
             ray.train.report(metrics)
             return
         # Every worker reports its own files (its DeepSpeed shards); Ray merges them into one
-        # checkpoint folder and registers it only once every worker has uploaded.
+        # checkpoint folder and registers it only once every worker has uploaded. Asynchronous
+        # (checkpoint.upload): the report returns once Ray's upload thread has the folder.
+        mode = ray.train.CheckpointUploadMode
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(checkpoint.folder),
             checkpoint_dir_name=checkpoint.name,
+            checkpoint_upload_mode=mode.ASYNC if self.cfg.checkpoint.upload == "async" else mode.SYNC,
         )

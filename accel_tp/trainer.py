@@ -37,6 +37,7 @@ from .data import (
 )
 from .env import apply_worker_env, process_group_backend, quiet_libraries
 from .evaluation import Validator, all_reduce_floats
+from .experts import expert_layers
 from .export import AdapterExport, export_hf
 from .families import check_expert_parallel
 from .lora import apply_lora, base_digest, describe, hidden_from_autotp, resolve_adapter, trainable_count
@@ -241,6 +242,8 @@ def build_model_and_optimizer(
     adapters = apply_lora(model, cfg.lora, cfg.run.seed) if cfg.lora.enabled else None
     levers = apply_before_sharding(model, cfg, topo.tp_size)
     n_trained, n_params = trainable_count(model)
+    # The routed experts' weights of the whole model (Hugging Face names them <moe block>.experts).
+    expert_numel = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     tr = cfg.train
     if cfg.parallelism.ep_size > 1:
         # DeepSpeed builds an EP run's AdamW after AutoEP (parallel.build_deepspeed_config says why).
@@ -268,6 +271,13 @@ def build_model_and_optimizer(
     if adapters:
         universal_info_without_frozen(model.module)  # the checkpoint holds no frozen weights
     levers += apply_after_sharding(model.module, cfg, sp)
+    local_experts = [
+        getattr(p, "ds_numel", p.numel())
+        for m in expert_layers(model.module).values()
+        for p in m.experts.parameters()
+    ]
+    if local_experts and accelerator.is_main_process:
+        print(f"[accel-tp] expert parameters per rank: {sum(local_experts)} of {expert_numel}", flush=True)
     if accelerator.is_main_process:
         if adapters:
             print(f"[accel-tp] {adapters}", flush=True)
@@ -497,6 +507,7 @@ def train_loop(rt: Runtime) -> dict[str, Any]:
     rt.model.train()
     metrics: dict[str, Any] = {}
     clock = _StepClock()
+    stepping = 0.0  # seconds spent in training steps (goodput: their share of the wall time)
     for step in range(start, rt.total_steps):
         epoch, micro_batches = next(groups)
         lr = rt.scheduler.get_last_lr()[0]  # the rate this step trains with
@@ -507,6 +518,8 @@ def train_loop(rt: Runtime) -> dict[str, Any]:
         rt.compile_watch.after_step(dt)
         last = state.step == rt.total_steps
         metrics = rt.reporter.step_metrics(state.step, epoch, lr, stats, state.tokens, dt)
+        stepping += dt
+        metrics["goodput"] = stepping / max(time.perf_counter() - t_start, 1e-9)
         with clock.paused():
             if rt.validator.should_run(state.step, last):
                 metrics.update(rt.validator.run())
@@ -514,8 +527,17 @@ def train_loop(rt: Runtime) -> dict[str, Any]:
         saving = rt.checkpointer.should_save(state.step, last)
         rt.reporter.log(metrics, last, saving)
         if saving:
+            t0 = time.perf_counter()
             with clock.paused(), rt.checkpointer.save(state.step) as written:
+                t1 = time.perf_counter()
                 rt.reporter.checkpoint_saved(metrics, written)
+                t2 = time.perf_counter()
+            rt.reporter.save_timed(
+                written,
+                stall=time.perf_counter() - t0,
+                write=t1 - t0 - written.waited_s,
+                hand_over=t2 - t1,
+            )
     rt.reporter.end()
     rt.accelerator.wait_for_everyone()
     exported = _export(rt) if rt.cfg.checkpoint.export_hf else None

@@ -17,7 +17,12 @@ document strings and the locally trained tokenizer object.
   product deals those to DP ranks and micro-batches, global step s covers positions [s*G, (s+1)*G)
   of the epochs' trimmed permutations laid end to end, so one batch of G sequences per step here.
 * Step: right-padded batch, loss = cross-entropy over every label (shifted, -100 on padding) of
-  the global batch divided by their count, computed from the logits; clip_grad_norm_'s clipping
+  the global batch divided by their count, computed from the logits; for a mixture of experts whose
+  config asks for the router's load-balancing loss (output_router_logits), plus
+  router_aux_loss_coef x the mean over the step's micro-batches of each micro-batch's load-balancing
+  loss (the model's own, over that micro-batch's real tokens): micro-batches as the product's loader
+  deals them (docs/parallelism.md: sample j of a global batch to DP rank j % dp, each rank's samples
+  in order, micro_batch_size at a time); clip_grad_norm_'s clipping
   (its pre-clip norm, taken in float64, recorded), AdamW with decay on ndim >= 2 parameters only,
   lr = learning_rate x schedule(step).
 """
@@ -236,6 +241,29 @@ def _loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return loss, int((target != -100).sum())
 
 
+def _moe_step_loss(
+    model: Any, step_rows: list[list[int]], dp: int, mb: int, pad_id: int, width: int | None
+) -> torch.Tensor:
+    """Cross-entropy over every label of the step / their count + coef x the mean over the step's
+    micro-batches of the model's load-balancing loss on each (see the module docstring)."""
+    per_rank = [step_rows[d::dp] for d in range(dp)]
+    micro = [rows[i : i + mb] for rows in per_rank for i in range(0, len(rows), mb)]
+    ce, count, balance = 0.0, 0, []
+    for rows in micro:
+        batch = _batch(rows, pad_id, width)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        target = batch["labels"][:, 1:]
+        ce = ce + F.cross_entropy(
+            out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        count += int((target != -100).sum())
+        balance.append(out.aux_loss)
+    return ce / count + model.config.router_aux_loss_coef * torch.stack(balance).mean()
+
+
 # ------------------------------------------------------------------------------------- schedule
 
 
@@ -295,12 +323,14 @@ def reference_run(cfg: Config, global_batch: int) -> dict[str, Any]:
     model.train()
     losses: list[float] = []
     grad_norms: list[float] = []
+    aux = getattr(model.config, "output_router_logits", False)
     for s in range(steps):
-        batch = _batch(
-            [rows[i] for i in order[s * global_batch : (s + 1) * global_batch]], tokenizer.pad_token_id, width
-        )
-        loss_sum, count = _loss_sum(model, batch)
-        loss = loss_sum / count
+        step_rows = [rows[i] for i in order[s * global_batch : (s + 1) * global_batch]]
+        if aux:
+            loss = _moe_step_loss(model, step_rows, dp, mb, tokenizer.pad_token_id, width)
+        else:
+            loss_sum, count = _loss_sum(model, _batch(step_rows, tokenizer.pad_token_id, width))
+            loss = loss_sum / count
         loss.backward()
         # torch's clip_grad_norm_ in its two halves, the global norm taken in float64: torch's CPU
         # float32 vector_norm is off by up to ~6e-5 relative on this model's 524k-element lm_head

@@ -370,6 +370,38 @@ def test_ray_entry_point_end_to_end(runs, tmp_path, cache):
         assert abs(wall - cur["step_time_s"]) < 0.02 + 0.02 * wall, (cur["step"], wall, cur["step_time_s"])
 
 
+def test_ray_sync_and_async_uploads_give_the_same_run(runs, tmp_path, cache):
+    """checkpoint.upload: the default (async: Ray uploads while training goes on) and sync give the
+    same losses as accelerate launch, register the same complete checkpoints, and log what each
+    save cost training (goodput, save_stall_s and its parts)."""
+    from accel_tp.checkpoint.format import MANIFEST_FILE
+
+    got = {}
+    for upload in ("async", "sync"):
+        ov = {
+            **base_overrides(cache, tmp_path / upload),
+            **layout(2, 2),
+            "ray.storage_path": str(tmp_path / upload / "ray"),
+            "checkpoint.upload": upload,
+            "checkpoint.every_steps": 5,
+        }
+        proc = run(
+            [sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY), *set_args(ov)]
+        )
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        run_dir = tmp_path / upload / "ray" / str(ov["run.name"])
+        got[upload] = (read_metrics(run_dir / METRICS_FILE), run_dir, proc.stdout + proc.stderr)
+    for upload, (metrics, run_dir, out) in got.items():
+        assert losses(metrics) == losses(runs(2, 2)["metrics"]), upload
+        for step in (5, 10, 15, 20):
+            assert (run_dir / step_name(step) / MANIFEST_FILE).is_file(), (upload, step)
+        word = "handed to Ray's upload thread" if upload == "async" else "uploaded"
+        assert out.count("training stood still") == 4 and word in out, out[-2000:]
+        after_save = [m for m in metrics if m["step"] in (6, 11, 16)]
+        assert all(m["save_stall_s"] >= m["save_write_s"] > 0 for m in after_save), after_save
+        assert all(0 < m["goodput"] <= 1 for m in metrics)
+
+
 def test_ray_worker_side_bad_input_ends_as_one_line(tmp_path, cache):
     """A bad input only a worker can see (a hub dataset that does not load) ends the run with exit
     code 2 and, as the driver's last line, the worker's own error (no Ray wrapping)."""

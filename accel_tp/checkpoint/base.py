@@ -32,6 +32,7 @@ class WrittenCheckpoint:
     name: str  # its folder name (step_name)
     folder: str  # where this rank's files are now
     location: str  # where the checkpoint is once published (for the run's summary line)
+    waited_s: float = 0.0  # how long this save first waited for the previous one's upload
 
 
 class Checkpointer(Protocol):

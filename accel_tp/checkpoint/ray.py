@@ -19,7 +19,7 @@ from .format import TRAIN_STATE_FILE, peek_train_state, step_name, tmp_name
 from .rules import check_resume
 from .universal import load_checkpoint
 
-__all__ = ["RayCheckpointer", "is_local", "peek_ray_train_state", "download_once"]
+__all__ = ["RayCheckpointer", "is_local", "peek_ray_train_state", "download_once", "wait_for_uploads"]
 
 _WHERE = "ray checkpoint"
 
@@ -27,14 +27,24 @@ _WHERE = "ray checkpoint"
 class RayCheckpointer(CheckpointerBase):
     """Save into a local temp folder for Ray to collect; resume from Ray's latest checkpoint."""
 
+    def __init__(self, *args: Any, upload: str = "sync", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.upload = upload  # checkpoint.upload: "async" or "sync"
+
     @contextmanager
     def save(self, step: int) -> Iterator[WrittenCheckpoint]:
-        """Every rank writes its files (its DeepSpeed shards) into a temporary folder, kept until the
-        block exits: the block reports it (`ray.train.report(checkpoint=...)`, by the reporter)."""
+        """Every rank writes its files (its DeepSpeed shards) into a temporary folder that the block
+        reports (`ray.train.report(checkpoint=...)`, by the reporter). Synchronous: the report
+        uploads it and the folder is removed when the block exits. Asynchronous: Ray uploads it in
+        the background and removes it once uploaded; this save first waits until the previous
+        one's upload is registered (one upload in flight, and no pile of local copies)."""
         acc = self.accelerator
         self._fill_zero_stage()
+        waited = wait_for_uploads() if self.upload == "async" else 0.0
         remove_stale_saves()
-        with tempfile.TemporaryDirectory(prefix=f"{_SAVE_PREFIX}{os.getpid()}-") as tmp:
+        tmp = tempfile.mkdtemp(prefix=f"{_SAVE_PREFIX}{os.getpid()}-")
+        handed_over = False
+        try:
             if acc.is_main_process:
                 write_run_config(tmp, self.run_config)  # one copy; Ray merges the workers' files
             self._save_state(tmp, step)
@@ -42,7 +52,11 @@ class RayCheckpointer(CheckpointerBase):
             acc.wait_for_everyone()
             self._write_manifest(tmp)
             name = step_name(step)
-            yield WrittenCheckpoint(name, tmp, f"{name} (reported to Ray)")
+            yield WrittenCheckpoint(name, tmp, f"{name} (reported to Ray)", waited_s=waited)
+            handed_over = self.upload == "async"  # Ray's upload thread removes it when done
+        finally:
+            if not handed_over:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def precheck(self) -> None:
         import ray.train
@@ -96,6 +110,18 @@ class RayCheckpointer(CheckpointerBase):
         if acc.is_local_main_process:
             shutil.rmtree(folder.parent, ignore_errors=True)
         return self.state.step
+
+
+def wait_for_uploads() -> float:
+    """Block until every checkpoint this worker reported is uploaded and registered by Ray;
+    returns the seconds waited."""
+    import time
+
+    import ray.train
+
+    t0 = time.perf_counter()
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    return time.perf_counter() - t0
 
 
 # A worker's in-flight save, named after its pid: one a killed worker left (Ctrl-C on the driver
