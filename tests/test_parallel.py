@@ -365,3 +365,26 @@ def test_sp_heads(tp: int, sp: int, heads: int, kv: int, ok: bool) -> None:
     else:
         with pytest.raises(ConfigError, match="parallelism.sp_size: .* Use sp_size in"):
             check_sp_heads(tp, sp, heads, kv)
+
+
+def test_expert_parallel_checks_and_layout() -> None:
+    from transformers import LlamaConfig, MixtralConfig
+
+    from accel_tp.families import check_expert_parallel
+
+    mixtral = MixtralConfig(num_local_experts=4)
+    check_expert_parallel(mixtral, 2, 1, 1)
+    check_expert_parallel(mixtral, 4, 2, 2)
+    with pytest.raises(
+        ConfigError,
+        match=r"ep_size: 3 does not divide the model's 4 experts per layer; use ep_size in \[1, 2, 4\]",
+    ):
+        check_expert_parallel(mixtral, 3, 1, 1)
+    with pytest.raises(ConfigError, match="has no routed experts"):
+        check_expert_parallel(LlamaConfig(), 2, 1, 1)
+    with pytest.raises(ConfigError, match="ZeRO-3 excludes AutoTP"):
+        check_expert_parallel(mixtral, 2, 2, 3)
+    with pytest.raises(ConfigError, match=r"parallelism.ep_size \(4\) must divide the world size \(2\)"):
+        Topology(2, 1, 0, ep_size=4)
+    assert Topology(4, 2, 0, ep_size=2).layout == "tp2xdp2xep2"
+    assert Topology(4, 2, 0).layout == "tp2xdp2"

@@ -303,3 +303,21 @@ def test_universal_load_puts_fused_adam_steps_beside_their_parameters():
 
     assert steps_beside_params(Wrapper()) == 1 and fused.state[p]["step"].device == p.device
     assert steps_beside_params(plain) == 0 and plain.state[q]["step"].device.type == "cpu"
+
+
+def test_expert_partition_reshards_between_ep_sizes_but_not_to_whole_experts():
+    """An ep > 1 layout names its ep (parallel.Topology.layout): another ep > 1 is a reshard; ep 1 on
+    either side is refused (AutoEP's modules are not the Hugging Face ones)."""
+    ep2 = {**SAVED, "layout": "tp1xdp4xep2", "zero_stage": 1}
+    here = {**CURRENT, "zero_stage": 1}
+    assert (
+        reshard_plan(ep2, TrainState(**{**here, "layout": "tp1xdp4xep4"}))
+        == "tp1xdp4xep2 ZeRO-1 -> tp1xdp4xep4 ZeRO-1"
+    )
+    check_resume(ep2, TrainState(**{**here, "layout": "tp1xdp4xep4"}), "x")
+    for saved, layout, sizes in (
+        (ep2, "tp1xdp4", "ep_size 2 and this run has 1"),
+        ({**SAVED, "layout": "tp1xdp4"}, "tp1xdp4xep2", "ep_size 1 and this run has 2"),
+    ):
+        with pytest.raises(ValueError, match=f"saved with parallelism.{sizes}"):
+            check_resume(saved, TrainState(**{**here, "layout": layout}), "x")
