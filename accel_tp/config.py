@@ -540,10 +540,16 @@ class RaySection:
     # lowers dp and raises gradient accumulation so the global batch is unchanged, and resumes from
     # the last checkpoint resharded. The group grows back when the nodes return.
     min_workers: int | None = None
+    # Elastic: how often (seconds) Ray looks for room to grow a smaller group back to the full one
+    # (ScalingConfig.elastic_resize_monitor_interval_s); it then restarts the group from the last
+    # checkpoint, resharded up.
+    regrow_check_s: float = 60.0
 
     def validate(self) -> None:
         if self.min_workers is not None and self.min_workers < 1:
             raise ConfigError(f"ray.min_workers: must be >= 1, got {self.min_workers}.")
+        if self.regrow_check_s <= 0:
+            raise ConfigError(f"ray.regrow_check_s: must be > 0 seconds, got {self.regrow_check_s}.")
         if self.cpus_per_worker < 1:
             raise ConfigError(f"ray.cpus_per_worker: must be >= 1, got {self.cpus_per_worker}.")
         if self.max_failures < -1:

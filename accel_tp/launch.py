@@ -208,6 +208,7 @@ def run_ray(cfg: Config, address: str | None = None) -> Any:
             num_workers=(min_workers, world_size) if cfg.ray.min_workers else world_size,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+            **({"elastic_resize_monitor_interval_s": cfg.ray.regrow_check_s} if cfg.ray.min_workers else {}),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -252,7 +253,9 @@ def _failure_plan(cfg: Config, world_size: int) -> str:
         return (
             f"[accel-tp] a lost worker or node: Ray restarts the group ({tries} times, ray.max_failures) on "
             f"what is left, down to {r.min_workers} workers (ray.min_workers; tp kept, dp lowered, the same "
-            "global batch), from the last checkpoint."
+            f"global batch), from the last checkpoint; when the {world_size} workers fit again (Ray looks every "
+            f"{r.regrow_check_s:g} s, ray.regrow_check_s) it restarts the group at full size from the last "
+            "checkpoint, resharded up."
         )
     return (
         f"[accel-tp] a lost worker or node: Ray restarts the group ({tries} times, ray.max_failures) from "
