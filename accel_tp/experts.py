@@ -46,8 +46,8 @@ def _specs(meta_model: Any, preset: str) -> dict[str, Any]:
 
 
 def hf_state_dict(
-    state_dict: dict[str, torch.Tensor], module: Any, meta_model: Any
-) -> dict[str, torch.Tensor]:
+    state_dict: dict[str, torch.Tensor] | None, module: Any, meta_model: Any
+) -> dict[str, torch.Tensor] | None:
     """`state_dict` (the gathered state dict of `module`, an AutoEP model) with every MoE layer in
     the Hugging Face layout of `meta_model` (the same model class and config on the meta device).
     Collective over each layer's EP group: every rank calls it; the result is the same on all."""

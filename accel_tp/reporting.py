@@ -216,16 +216,19 @@ class RayReporter(Reporter):
     def _publish(self, metrics: dict[str, Any], checkpoint: WrittenCheckpoint | None) -> None:
         import ray.train
 
+        mode = ray.train.CheckpointUploadMode
+        # Asynchronous (checkpoint.upload): a report returns once Ray's upload thread has it. Also
+        # a report without a checkpoint: Ray keeps reports in order, so a synchronous one would wait
+        # for the upload in flight (measured: the step after each save took twice as long).
+        upload = mode.ASYNC if self.cfg.checkpoint.upload == "async" else mode.SYNC
         if checkpoint is None:
-            ray.train.report(metrics)
+            ray.train.report(metrics, checkpoint_upload_mode=upload)
             return
         # Every worker reports its own files (its DeepSpeed shards); Ray merges them into one
-        # checkpoint folder and registers it only once every worker has uploaded. Asynchronous
-        # (checkpoint.upload): the report returns once Ray's upload thread has the folder.
-        mode = ray.train.CheckpointUploadMode
+        # checkpoint folder and registers it only once every worker has uploaded.
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(checkpoint.folder),
             checkpoint_dir_name=checkpoint.name,
-            checkpoint_upload_mode=mode.ASYNC if self.cfg.checkpoint.upload == "async" else mode.SYNC,
+            checkpoint_upload_mode=upload,
         )
