@@ -7,7 +7,15 @@ import sys
 from collections.abc import Callable
 
 from .config import Config, load_config
-from .errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, WorkerCrash
+from .errors import (
+    EXIT_CRASH,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    Stopped,
+    UserError,
+    WorkerCrash,
+)
 from .export import DTYPES, export_checkpoint
 from .launch import run_local, run_ray
 
@@ -55,6 +63,9 @@ def _exit_code(run: Callable[[], object]) -> int:
     except WorkerCrash as e:
         print(f"accel-tp: a worker crashed:\n{e}", file=sys.stderr)
         return EXIT_CRASH
+    except Stopped as e:
+        print(f"accel-tp: {e}", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         # The last published checkpoint is intact; a save in flight was never published.
         print("accel-tp: interrupted; resume with the same run.name (or --resume latest).", file=sys.stderr)

@@ -19,11 +19,14 @@ __all__ = [
     "EXIT_USER_ERROR",
     "EXIT_CRASH",
     "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
+    "Stopped",
 ]
 
 EXIT_USER_ERROR = 2
 EXIT_CRASH = 1
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped on request, after saving
 
 
 class UserError(ValueError):
@@ -66,3 +69,8 @@ class ExportError(UserError):
 class WorkerCrash(RuntimeError):
     """A Ray worker failed with something that is not a UserError: the message carries the worker's
     own traceback (the command line prints it whole and exits 1)."""
+
+
+class Stopped(Exception):
+    """The run was asked to stop (SIGTERM) and stopped at a step boundary after saving that step;
+    the message names the checkpoint and how to resume."""

@@ -36,6 +36,7 @@ from .data import (
     prepare_dataloader,
 )
 from .env import apply_worker_env, process_group_backend, quiet_libraries
+from .errors import Stopped
 from .evaluation import Validator, all_reduce_floats
 from .experts import expert_layers
 from .export import AdapterExport, export_hf
@@ -58,6 +59,7 @@ from .placement import check_tp_node_local, describe_mesh, gather_nodes
 from .reporting import Reporter
 from .run_folder import RunFolder
 from .sequence_parallel import SequenceParallel
+from .stopping import StopRequest
 
 __all__ = [
     "Runtime",
@@ -116,6 +118,7 @@ class Runtime:
     n_trained: int = 0  # of them, those that train (a LoRA run: the adapters)
     peak_flops: float | None = None
     sp: SequenceParallel | None = None  # sp_size > 1: this rank's SP group
+    stop: StopRequest | None = None  # SIGTERM: stop at the next step boundary, after saving
 
     def on_device(self, batch: Batch) -> contextlib.AbstractContextManager[Batch]:
         """`batch` as this rank runs it, for a forward and its backward: on the device, and under
@@ -380,6 +383,7 @@ def setup(cfg: Config, mode: WorkerMode | None = None) -> Runtime:
         n_trained=n_trained,
         peak_flops=peak_flops,
         sp=sp,
+        stop=StopRequest().install(),
     )
 
 
@@ -394,8 +398,13 @@ def train_step(rt: Runtime, micro_batches: list[Batch], step: int) -> dict[str, 
         sum(float(getattr(mb, k)) for mb in micro_batches)
         for k in ("label_tokens", "real_tokens", "attn_context")
     ]
+    # A stop request (SIGTERM) rides along, so every rank sees it at the same step.
+    local.append(1.0 if rt.stop is not None and rt.stop.requested else 0.0)
+    *counts, stop = all_reduce_floats(local, device)
+    if stop > 0:
+        return {"stop": 1.0}  # nothing trained: train_loop saves the state as it is and stops
     peers = topo.tp_size * topo.sp_size
-    label_tokens, real_tokens, attn_context = (v / peers for v in all_reduce_floats(local, device))
+    label_tokens, real_tokens, attn_context = (v / peers for v in counts)
     # HF's loss is sum(token losses) / num_items_in_batch. DeepSpeed then divides by ga (micro-steps)
     # and averages over its DP ranks (sp x dp: parallel.Topology.replicas), so this divisor makes the
     # gradient exactly that of sum(all token losses of the global batch) / label_tokens.
@@ -508,10 +517,13 @@ def train_loop(rt: Runtime) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     clock = _StepClock()
     stepping = 0.0  # seconds spent in training steps (goodput: their share of the wall time)
+    saved_at = start  # the last step whose state is saved (or was loaded)
     for step in range(start, rt.total_steps):
         epoch, micro_batches = next(groups)
         lr = rt.scheduler.get_last_lr()[0]  # the rate this step trains with
         stats = train_step(rt, micro_batches, step)
+        if "stop" in stats:
+            _stop(rt, metrics, saved_at)
         dt = clock.lap()
         state.step, state.samples = step + 1, state.samples + state.global_batch_size
         state.tokens += int(stats["tokens"])
@@ -538,11 +550,30 @@ def train_loop(rt: Runtime) -> dict[str, Any]:
                 write=t1 - t0 - written.waited_s,
                 hand_over=t2 - t1,
             )
+            saved_at = state.step
     rt.reporter.end()
     rt.accelerator.wait_for_everyone()
     exported = _export(rt) if rt.cfg.checkpoint.export_hf else None
     rt.reporter.summary(metrics, time.perf_counter() - t_start, state.tokens - tokens_start, exported)
     return metrics
+
+
+def _stop(rt: Runtime, metrics: dict[str, Any], saved_at: int) -> None:
+    """Asked to stop (SIGTERM) before a step: save the state of the last one unless it is saved,
+    wait until the save is stored (an asynchronous upload too), end with errors.Stopped."""
+    step = rt.state.step
+    if step > saved_at:
+        with rt.checkpointer.save(step) as written:
+            rt.reporter.checkpoint_saved(metrics, written)
+        what = f"{written.name} saved"
+    else:
+        what = "its checkpoint saved already" if step else "nothing trained yet"
+    rt.checkpointer.flush()
+    rt.reporter.end()
+    raise Stopped(
+        f"stopped on SIGTERM after step {step} ({what}); resume with the same run.name "
+        "(--resume latest under accelerate launch)."
+    )
 
 
 def _export(rt: Runtime) -> Any:

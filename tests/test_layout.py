@@ -62,6 +62,7 @@ LAYERS: list[set[str]] = [
         "vocab_parallel",
         "sequence_parallel",
         "experts",
+        "stopping",
         "staged_gloo",
     },
     {"errors"},

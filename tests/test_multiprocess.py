@@ -402,6 +402,49 @@ def test_ray_sync_and_async_uploads_give_the_same_run(runs, tmp_path, cache):
         assert all(0 < m["goodput"] <= 1 for m in metrics)
 
 
+def test_sigterm_saves_the_step_and_the_resume_continues_exactly(runs, tmp_path, cache):
+    """SIGTERM to `accelerate launch` mid-run (the launcher passes it to every rank): the ranks agree
+    on one step boundary (the flag rides the step's first all-reduce), save that step, and end with
+    one line; `--resume latest` continues bit for bit as the uninterrupted run."""
+    import signal
+    import subprocess
+    import time
+
+    from .mp_utils import _env, free_port
+
+    ov = {**base_overrides(cache, tmp_path), **layout(2, 2), "checkpoint.every_steps": 0}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "4",
+        "--main_process_port", str(free_port()), str(ROOT / "scripts" / "train.py"), "--config", str(TINY),
+        *set_args(ov),
+    ]  # fmt: skip
+    log = open(tmp_path / "run.log", "w")  # noqa: SIM115 - the child writes it until it exits
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    metrics_file = tmp_path / str(ov["run.name"]) / METRICS_FILE
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=600)
+    log.close()
+    text = (tmp_path / "run.log").read_text()
+    assert proc.returncode != 0, text[-3000:]
+    stopped = [ln for ln in text.splitlines() if "accel-tp: stopped on SIGTERM after step" in ln]
+    assert stopped, text[-3000:]
+    step = int(stopped[0].split("after step ")[1].split()[0])
+    assert 3 <= step < STEPS and f"({step_name(step)} saved)" in stopped[0]
+    assert (tmp_path / str(ov["run.name"]) / CHECKPOINTS_DIR / step_name(step) / TRAIN_STATE_FILE).is_file()
+    again = accelerate_launch(4, ov, extra=["--resume", "latest"])
+    assert again.returncode == 0
+    resumed = [m for m in read_metrics(metrics_file) if m["step"] > step]
+    tail = runs(2, 2)["metrics"][step:]
+    assert [(m["step"], m["loss"], m["tokens_seen"]) for m in resumed] == [
+        (m["step"], m["loss"], m["tokens_seen"]) for m in tail
+    ]
+
+
 def test_ray_worker_side_bad_input_ends_as_one_line(tmp_path, cache):
     """A bad input only a worker can see (a hub dataset that does not load) ends the run with exit
     code 2 and, as the driver's last line, the worker's own error (no Ray wrapping)."""

@@ -46,6 +46,8 @@ class Checkpointer(Protocol):
 
     def precheck(self) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 def write_run_config(folder: str | os.PathLike, run_config: dict[str, Any] | None) -> None:
     """Record the run's config in a checkpoint folder (YAML: reading it back unpickles nothing)."""
@@ -69,6 +71,9 @@ class CheckpointerBase:
     """The cadence (`every_steps`: 0 never mid-run; `at_end`: the last step too) and the objects
     saved with the engine. `run_config`: the run's config, written into every checkpoint.
     `trust_pickles`: load checkpoints without the weights-only check (checkpoint.trust_pickles)."""
+
+    def flush(self) -> None:
+        """Wait until every save is where a resume finds it (a local save is, once save() returns)."""
 
     def __init__(
         self,

@@ -58,6 +58,11 @@ class RayCheckpointer(CheckpointerBase):
             if not handed_over:
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def flush(self) -> None:
+        """Asynchronous uploads: wait until Ray has registered every reported checkpoint."""
+        if self.upload == "async":
+            wait_for_uploads()
+
     def precheck(self) -> None:
         import ray.train
 
