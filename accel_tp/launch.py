@@ -101,7 +101,9 @@ def init_ray(address: str | None, runtime_env: dict[str, Any], local_cpus: int |
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     with loopback_only() as bind:
-        ray.init(runtime_env=runtime_env, log_to_driver=True, num_cpus=local_cpus, **bind)
+        # address "local": a new instance even where another one's ray_current_cluster file is
+        # left in /tmp/ray (a killed run's), which ray.init would otherwise try to join.
+        ray.init(address="local", runtime_env=runtime_env, log_to_driver=True, num_cpus=local_cpus, **bind)
 
 
 def run_ray(cfg: Config, address: str | None = None) -> Any:
