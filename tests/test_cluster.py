@@ -345,21 +345,14 @@ def _node_of(pid: int, nodes) -> object:
     raise AssertionError(f"process {pid} is not under any node's raylet")
 
 
-def test_a_lost_node_continues_on_fewer_workers_and_grows_back(cluster, cache, tmp_path):
-    """tp2 x dp2 with ray.min_workers 2. Rank 2 hangs in the step-8 save (step 4 is saved); its whole
-    node is removed. Ray restarts the group on the remaining node as tp2 x dp1 with gradient
-    accumulation doubled (global batch unchanged), resumes from step 4 resharded; then a node joins
-    again and Ray (looking every ray.regrow_check_s) restarts the group at tp2 x dp2 from the last
-    checkpoint, resharded up. The run finishes with the uninterrupted run's losses (the reference
-    loop's) within 1e-5. Runs last: it removes a node."""
-    # 32 steps: room for Ray to see the returned node while the run is at dp1 (it restarted at full
-    # size from step 12 when measured), and short enough that fp32 rounding amplified by training
-    # stays under the bound (within 1.5e-6 of the reference to step 33; by step 60 it had reached
-    # 4e-4 relative, the same drift in every layout, not an error of the restarts).
-    steps = 32
+def test_a_lost_node_continues_on_fewer_workers_with_the_same_losses(cluster, cache, tmp_path, reference):
+    """tp2 x dp2 with ray.min_workers 2. Rank 2 hangs in the step-8 save (steps 4 is saved); its
+    whole node is removed. Ray restarts the group on the remaining node as tp2 x dp1 with gradient
+    accumulation doubled (global batch unchanged), resumes from step 4 resharded, and finishes with
+    the uninterrupted run's losses (the reference loop's) within 1e-5. Runs last: it removes a node."""
     ov = overrides(tmp_path, "loses-a-node", cache, **{
-        "ray.storage_path": str(tmp_path / "ray"), "train.max_steps": steps, "checkpoint.every_steps": 4,
-        "ray.min_workers": 2, "ray.max_failures": 2, "ray.regrow_check_s": 1, "data.seq_length": 128,
+        "ray.storage_path": str(tmp_path / "ray"), "train.max_steps": 12, "checkpoint.every_steps": 4,
+        "ray.min_workers": 2, "ray.max_failures": 2,
     })  # fmt: skip
     cmd = [sys.executable, str(ROOT / "scripts" / "train_ray.py"), "--config", str(TINY),
            "--address", cluster["cluster"].address, *set_args(ov)]  # fmt: skip
@@ -368,7 +361,7 @@ def test_a_lost_node_continues_on_fewer_workers_and_grows_back(cluster, cache, t
     # on it, rank 2 hangs in the step-8 save (the cluster's environment names the fault).
     env = {**_env(), "PYTHONPATH": faults.pythonpath()}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    marker, removed, added = cluster["marker"], None, None
+    marker, removed = cluster["marker"], None
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -376,29 +369,18 @@ def test_a_lost_node_continues_on_fewer_workers_and_grows_back(cluster, cache, t
             node = _node_of(int(marker.read_text()), cluster["nodes"])
             cluster["cluster"].remove_node(node, allow_graceful=False)
             removed = node
-        elif (
-            removed is not None
-            and added is None
-            and "elastic: 2 of 4 workers" in (tmp_path / "run.log").read_text()
-        ):
-            added = cluster["cluster"].add_node(num_cpus=2)  # the lost node comes back
     proc.wait(timeout=max(1, deadline - time.time()))
     log.close()
     text = (tmp_path / "run.log").read_text()
     assert proc.returncode == 0, text[-6000:]
-    assert removed is not None and added is not None, (
-        "the run ended before its node could be removed and re-added"
-    )
-    assert "down to 2 workers (ray.min_workers" in text and "restarts the group at full size" in text
+    assert removed is not None, "the run ended before its node could be removed"
+    assert "down to 2 workers (ray.min_workers" in text
     assert "elastic: 2 of 4 workers: tp2 x dp1, grad_accum_steps 2 -> 4 (global batch 8 kept)" in text
     assert f"resharding checkpoint {step_name(4)}: tp2xdp2 ZeRO-1 -> tp2xdp1 ZeRO-1" in text
-    grown = [ln for ln in text.splitlines() if "tp2xdp1 ZeRO-1 -> tp2xdp2 ZeRO-1" in ln]
-    assert grown, text[-6000:]  # grown back: a dp1 checkpoint resharded up to dp2
+    assert "steps=4->12" in text
     rows = [
         json.loads(x)
         for x in (tmp_path / "ray" / str(ov["run.name"]) / METRICS_FILE).read_text().splitlines()
     ]
-    assert [r["step"] for r in rows] == list(range(1, steps + 1))
-    ref = overrides(tmp_path / "ref", "ref", cache, **{"train.max_steps": steps, "data.seq_length": 128})
-    want = reference_run(load_config(TINY, [f"{k}={v}" for k, v in ref.items()]), GLOBAL)["losses"]
-    assert_close(losses(rows), want, rtol=1e-5)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert_close(losses(rows), reference, rtol=1e-5)
